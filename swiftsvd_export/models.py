@@ -54,11 +54,11 @@ def check_gguf(path: Path) -> None:
         size = path.stat().st_size
         for t in reader.tensors:
             if t.data_offset + t.n_bytes > size:
-                raise SwiftSVDError(f"{path}: truncated GGUF (tensor {t.name} ends past the file)")
+                raise SwiftSVDError(f"{path}: corrupt or truncated GGUF (tensor {t.name} ends past the end of the file)")
     except SwiftSVDError:
         raise
     except Exception as e:  # gguf-py raises ValueError/IndexError/struct errors on bad files
-        raise SwiftSVDError(f"{path}: corrupt GGUF ({type(e).__name__}: {e})") from None
+        raise SwiftSVDError(f"{path}: corrupt or truncated GGUF ({type(e).__name__}: {e})") from None
 
 
 def _fix_gguf_tokenizer(tokenizer, gguf_path: Path):

@@ -1,0 +1,55 @@
+"""``compress``: Swift-SVD (or a baseline) on a model, written as a low-rank folder."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..calibration import DEFAULT_CALIBRATION
+from ..compress import CompressConfig, compress, format_summary
+from ..factorize import METHODS
+from ..lowrank import DTYPES
+from ..models import DEFAULT_MODEL
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "compress", help="factorize a model's linears with Swift-SVD",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Calibrate, factorize every q/k/v/o/gate/up/down linear as B·A, and write a folder "
+                    "(config.json, model.safetensors, manifest.json, tokenizer).",
+        epilog="examples:\n"
+               f"  swiftsvd-export compress {DEFAULT_MODEL} out/smol-0.4 --ratio 0.4\n"
+               "  swiftsvd-export compress ./my-hf-model out/m --ratio 0.2 --calib data.jsonl --method whiten\n"
+               "  swiftsvd-export compress model.gguf out/m --ranks ranks.json --dtype bf16\n")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help=f"{DEFAULT_MODEL} (embedded), a transformers folder, or a .gguf file")
+    p.add_argument("output", help="output folder (written atomically)")
+    p.add_argument("--ratio", type=float, help="fraction of the compressible linears' parameters to remove, in (0, 1)")
+    p.add_argument("--ranks", dest="ranks_file", help="JSON {module_name: rank} with explicit ranks")
+    p.add_argument("--method", choices=METHODS, default="swift",
+                   help="swift (default), whiten (SVD-LLM) or svd (plain truncation)")
+    p.add_argument("--calib", help=f".txt, .jsonl or .parquet calibration text (default: {DEFAULT_CALIBRATION.name})")
+    p.add_argument("--text-field", default="text", help="field/column of .jsonl/.parquet holding the text")
+    p.add_argument("--nsamples", type=int, default=64, help="calibration sequences (default 64)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sequence (default 512)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward batch")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp16", help="stored weight dtype (default fp16)")
+    p.add_argument("--sequential", action="store_true",
+                   help="calibrate block i on the already-compressed blocks before it")
+    p.add_argument("--rank-multiple", type=int, default=1, nargs="?", const=32,
+                   help="round ranks down to a multiple (bare flag: 32, for kernels and quantized formats)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    cfg = CompressConfig(model=args.model, output=args.output, ratio=args.ratio, ranks_file=args.ranks_file,
+                         method=args.method, calib=args.calib, text_field=args.text_field,
+                         nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                         batch_size=args.batch_size, dtype=args.dtype, sequential=args.sequential,
+                         rank_multiple=args.rank_multiple, overwrite=args.overwrite)
+    summary = compress(cfg)
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0

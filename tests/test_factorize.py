@@ -1,0 +1,69 @@
+"""The Swift-SVD factorization is the closed-form optimum; the baselines behave as documented."""
+import pytest
+import torch
+
+from swiftsvd_export.factorize import (factorize_group, output_covariance, reconstruction_error,
+                                       swift_factorize, whiten_factorize)
+
+
+def _problem(out_f, in_f, n_tokens, seed=0, rank_x=None):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(out_f, in_f, generator=g, dtype=torch.float64)
+    X = torch.randn(n_tokens, in_f, generator=g, dtype=torch.float64)
+    X = X * torch.logspace(0, -2, in_f, dtype=torch.float64)  # anisotropic, like real activations
+    if rank_x is not None:  # rank-deficient activations: X lives in a rank_x subspace
+        X = X[:, :rank_x] @ torch.randn(rank_x, in_f, generator=g, dtype=torch.float64)
+    return W, X, X.T @ X
+
+
+def _err(W, f, G):
+    return reconstruction_error(W, f.B @ f.A, G)[0]
+
+
+@pytest.mark.parametrize("shape", [(48, 32), (32, 48), (40, 40)])
+@pytest.mark.parametrize("k", [1, 7, 20])
+def test_swift_error_is_sum_of_discarded_eigenvalues(shape, k):
+    W, X, G = _problem(*shape, n_tokens=400)
+    f = swift_factorize(W, G, k)
+    eig = torch.linalg.eigvalsh(output_covariance(W, G))
+    discarded = eig[: eig.numel() - k].clamp_min(0).sum().item()
+    direct = ((X @ W.T - X @ (f.B @ f.A).T) ** 2).sum().item()
+    assert _err(W, f, G) == pytest.approx(discarded, rel=1e-8, abs=1e-9)
+    assert direct == pytest.approx(discarded, rel=1e-8, abs=1e-9)
+    assert f.A.shape == (k, shape[1]) and f.B.shape == (shape[0], k)
+
+
+@pytest.mark.parametrize("shape", [(48, 32), (32, 48)])
+def test_swift_matches_whiten_when_well_conditioned_and_beats_svd(shape):
+    W, _, G = _problem(*shape, n_tokens=500)
+    for k in (3, 10, 25):
+        swift = _err(W, swift_factorize(W, G, k), G)
+        wf = whiten_factorize(W, G, k)
+        assert wf.jitter == 0.0
+        assert swift == pytest.approx(_err(W, wf, G), rel=1e-7)
+        svd = _err(W, factorize_group({"w": W}, G, {"w": k}, "svd")["w"], G)
+        assert svd > swift * 1.01
+
+
+def test_singular_covariance_swift_stays_finite_and_optimal_whiten_needs_jitter():
+    W, X, G = _problem(40, 32, n_tokens=300, rank_x=12)  # G has rank 12 of 32
+    assert torch.linalg.matrix_rank(G).item() == 12
+    k = 8
+    f = swift_factorize(W, G, k)
+    assert torch.isfinite(f.A).all() and torch.isfinite(f.B).all()
+    eig = torch.linalg.eigvalsh(output_covariance(W, G))
+    assert _err(W, f, G) == pytest.approx(eig[: eig.numel() - k].clamp_min(0).sum().item(), rel=1e-7)
+    wf = whiten_factorize(W, G, k)
+    assert wf.jitter > 0.0, "Cholesky of a singular XᵀX must need the jitter fallback"
+    assert _err(W, wf, G) >= _err(W, f, G) * (1 - 1e-9)
+    # Beyond the rank of X, swift is exact: nothing is lost.
+    assert _err(W, swift_factorize(W, G, 12), G) == pytest.approx(0.0, abs=1e-6 * torch.trace(W @ G @ W.T).item())
+
+
+def test_group_factorization_shares_input_and_keeps_only_requested():
+    W1, _, G = _problem(24, 32, 200, seed=1)
+    W2 = torch.randn(8, 32, dtype=torch.float64)
+    out = factorize_group({"q": W1, "k": W2}, G, {"q": 5}, "whiten")
+    assert set(out) == {"q"} and out["q"].rank == 5
+    with pytest.raises(ValueError):
+        factorize_group({"q": W1}, G, {"q": 5}, "nope")
