@@ -1,0 +1,38 @@
+"""Command-line hooks for ``export --target onnx`` and ``generate --target onnx``."""
+from __future__ import annotations
+
+PRECISIONS = ("fp32", "fp16")
+QUANTIZE = ("none", "int8", "int4")
+
+
+def add_export_arguments(group) -> None:
+    # No ``choices=``: an unknown mode must give our own clear message (checked in run_export).
+    group.add_argument("--precision", default="fp32",
+                       help="weight precision of the ONNX graph: fp32 (default) or fp16")
+    group.add_argument("--quantize", default="none",
+                       help="weight quantization: none (default), int8 (dynamic, MatMulInteger) "
+                            "or int4 (blockwise MatMulNBits)")
+    group.add_argument("--block-size", type=int, default=None,
+                       help="int4 block size (power of two >= 16; default: the largest of "
+                            "128/64/32/16 that divides the factor ranks)")
+    group.add_argument("--mobile", action="store_true",
+                       help="also write the ORT format (.ort) and a reduced-operator config")
+
+
+def add_generate_arguments(group) -> None:
+    # The shared options (prompt, --max-new-tokens, --temperature, ...) are already defined.
+    return None
+
+
+def run_export(args) -> int:
+    from .export import export_onnx
+
+    export_onnx(args.model_dir, args.output, precision=args.precision, quantize=args.quantize,
+                block_size=args.block_size, mobile=args.mobile, overwrite=args.overwrite)
+    return 0
+
+
+def run_generate(args) -> int:
+    from .runtime import generate_cli
+
+    return generate_cli(args)

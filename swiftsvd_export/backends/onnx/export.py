@@ -1,0 +1,230 @@
+"""``export --target onnx``: a compressed (or dense) model folder -> an onnxruntime folder.
+
+Output folder::
+
+    model.onnx                 decoder with KV cache (input_ids, attention_mask, position_ids,
+                               past_key_values.{i}.key/value -> logits, present.{i}.key/value)
+    config.json, generation_config.json, tokenizer files
+    model.ort, required_operators.config        (with --mobile)
+    summary.json               precision, quantization, sizes, graph checks, mobile operators
+
+The graph comes from optimum's exporter (task ``text-generation-with-past``) run on the
+in-memory low-rank model, so a ``LowRankLinear`` lowers to two MatMuls and the I/O is exactly
+what ``optimum.onnxruntime.ORTModelForCausalLM`` expects.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from ...atomic import atomic_dir, check_output
+from ...errors import SwiftSVDError
+from .graph import check_pairs, initializer_bytes, ort_optimized, shape_counts
+from .quantize import check_block_size, quantize_int4, quantize_int8, save_model, to_fp16
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16")
+QUANTIZE = ("none", "int8", "int4")
+TASK = "text-generation-with-past"
+
+
+def validate_options(precision: str, quantize: str, block_size: int | None) -> None:
+    if precision not in PRECISIONS:
+        raise SwiftSVDError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if quantize not in QUANTIZE:
+        raise SwiftSVDError(f"unknown quantization mode {quantize!r}; choose one of {', '.join(QUANTIZE)}")
+    if quantize != "none" and precision != "fp32":
+        raise SwiftSVDError(f"--quantize {quantize} works on the fp32 graph; drop --precision {precision}")
+    if block_size is not None and quantize != "int4":
+        raise SwiftSVDError("--block-size only applies to --quantize int4")
+    check_block_size(block_size)
+
+
+def check_model_folder(model_dir: str | Path) -> Path:
+    from ...models import _EMBEDDED
+
+    if str(model_dir) in _EMBEDDED:
+        return Path(str(model_dir))
+    path = Path(model_dir)
+    if not path.exists():
+        raise SwiftSVDError(f"{path}: no such model folder")
+    if not path.is_dir():
+        raise SwiftSVDError(f"{path}: not a model folder (give a compressed or transformers folder)")
+    if not (path / "config.json").is_file():
+        raise SwiftSVDError(f"{path}: not a model folder (no config.json); give a folder written by "
+                            "`swiftsvd-export compress` or a dense transformers folder")
+    if not any(path.glob("*.safetensors")):
+        raise SwiftSVDError(f"{path}: not a model folder (no .safetensors weights)")
+    return path
+
+
+def factor_shapes(model) -> dict[str, tuple[int, int, int]]:
+    from ...lowrank import LowRankLinear
+
+    return {n: (m.in_features, m.out_features, m.rank)
+            for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+
+
+def export_graph(model, out_dir: Path, opset: int | None = None) -> Path:
+    """Run optimum's exporter on the in-memory model; returns the fp32 ``model.onnx``."""
+    import warnings
+
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.config.use_cache = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            onnx_export_from_model(model, out_dir, task=TASK, opset=opset, do_validation=False)
+        except SwiftSVDError:
+            raise
+        except Exception as e:  # the exporter raises many types; report one line
+            raise SwiftSVDError(f"ONNX export failed: {type(e).__name__}: {e}") from e
+    path = out_dir / "model.onnx"
+    if not path.is_file():
+        raise SwiftSVDError(f"ONNX export wrote no model.onnx (got {sorted(p.name for p in out_dir.iterdir())})")
+    return path
+
+
+def fuse_tied_head(model) -> int:
+    """``MatMul(x, Transpose(E))`` -> ``FusedMatMul(x, E, transB=1)`` for a tied output head.
+
+    The exporter writes the tied lm_head as a Transpose of the embedding; onnxruntime would
+    constant-fold it into a second, transposed copy of the embedding (in memory and in the
+    ``.ort`` file). The contrib op ``FusedMatMul`` reads the embedding as stored. Returns the
+    number of nodes rewritten.
+    """
+    import onnx
+
+    g = model.graph
+    inits = {i.name for i in g.initializer}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for x in n.input:
+            consumers.setdefault(x, []).append(n)
+    graph_outputs = {o.name for o in g.output}
+    rewritten = 0
+    for t in list(g.node):
+        if t.op_type != "Transpose" or t.input[0] not in inits:
+            continue
+        perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), [1, 0])
+        users = consumers.get(t.output[0], [])
+        if perm != [1, 0] or t.output[0] in graph_outputs or not users or any(
+                u.op_type != "MatMul" or list(u.input).index(t.output[0]) != 1 or u.input[0] == t.output[0]
+                for u in users):
+            continue
+        for u in users:
+            fused = onnx.helper.make_node("FusedMatMul", [u.input[0], t.input[0]], list(u.output),
+                                          name=u.name, domain="com.microsoft", transA=0, transB=1, alpha=1.0)
+            idx = list(g.node).index(u)
+            g.node.remove(u)
+            g.node.insert(idx, fused)
+            rewritten += 1
+        g.node.remove(t)
+    if rewritten and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return rewritten
+
+
+def _files_size(folder: Path, names) -> int:
+    return sum((folder / n).stat().st_size for n in names if (folder / n).is_file())
+
+
+def export_onnx(model_dir: str | Path, output: str | Path, precision: str = "fp32", quantize: str = "none",
+                block_size: int | None = None, mobile: bool = False, overwrite: bool = False,
+                opset: int | None = None, model=None, tokenizer=None) -> dict:
+    """Export ``model_dir`` to the folder ``output``; returns the summary written to summary.json.
+
+    ``model``/``tokenizer`` may be passed to skip loading (tests, benchmarks); ``model_dir`` is
+    then only recorded.
+    """
+    import onnx
+
+    validate_options(precision, quantize, block_size)
+    output = Path(output)
+    check_output(output, overwrite)
+    t0 = time.time()
+    if model is None:
+        from ...models import load_model
+
+        src = check_model_folder(model_dir)
+        model, tokenizer, _folder = load_model(str(src))
+    model = model.float().eval()
+    factors = factor_shapes(model)
+    config = model.config
+
+    with atomic_dir(output, overwrite=overwrite) as tmp:
+        raw_dir = tmp / ".raw"
+        raw = export_graph(model, raw_dir, opset=opset)
+        for name in ("config.json", "generation_config.json"):
+            if (raw_dir / name).is_file():
+                shutil.move(str(raw_dir / name), tmp / name)
+        final = tmp / "model.onnx"
+        quant_info: dict = {"mode": "none"}
+        proto = onnx.load(str(raw))
+        fused_head = fuse_tied_head(proto)
+        if fused_head:
+            for p in raw_dir.iterdir():
+                if p.name.startswith("model.onnx"):
+                    p.unlink()
+            save_model(proto, raw)
+        del proto
+        if quantize == "int8":
+            quant_info = quantize_int8(raw, final)
+        elif quantize == "int4":
+            quant_info = quantize_int4(raw, final, block_size=block_size)
+        elif precision == "fp16":
+            save_model(to_fp16(onnx.load(str(raw))), final)
+        else:
+            for p in raw_dir.iterdir():
+                if p.name.startswith("model.onnx"):
+                    shutil.move(str(p), tmp / p.name)
+        shutil.rmtree(raw_dir)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+        graph = onnx.load(str(final), load_external_data=False)
+        before = check_pairs(graph, factors)
+        before_shapes = shape_counts(graph, factors)
+        after_model = ort_optimized(final)
+        after = check_pairs(after_model, factors)
+        if not before.ok or not after.ok:
+            which = "exported" if not before.ok else "ORT-optimized"
+            probs = (before if not before.ok else after).problems
+            raise SwiftSVDError(f"graph check failed on the {which} graph: {probs[0]}"
+                                + (f" (+{len(probs) - 1} more)" if len(probs) > 1 else ""))
+        weights_dtype = "fp16" if precision == "fp16" else "fp32"
+        if quantize == "none" and factors and set(before.weight_dtypes) != {weights_dtype}:
+            raise SwiftSVDError(f"factor weights stored as {before.weight_dtypes}, expected {weights_dtype}")
+
+        onnx_files = sorted(p.name for p in tmp.iterdir() if p.name.startswith("model.onnx"))
+        summary = {
+            "format": "swiftsvd-onnx", "format_version": 1,
+            "source": str(model_dir), "task": TASK,
+            "model_type": config.model_type, "num_hidden_layers": config.num_hidden_layers,
+            "precision": precision, "quantization": quant_info,
+            "lowrank": bool(factors), "factorized_linears": len(factors),
+            "tied_head_as_fusedmatmul": bool(fused_head),
+            "ranks": {n: k for n, (_, _, k) in factors.items()},
+            "files": {"onnx": onnx_files, "onnx_bytes": _files_size(tmp, onnx_files)},
+            "initializer_bytes": initializer_bytes(graph),
+            "graph_check": {"exported": before.to_dict(), "exported_shapes": before_shapes,
+                            "ort_optimized": after.to_dict()},
+            "io": {"inputs": [i.name for i in graph.graph.input],
+                   "outputs": [o.name for o in graph.graph.output]},
+        }
+        if mobile:
+            from .mobile import convert_to_ort
+
+            summary["mobile"] = convert_to_ort(final, tmp)
+        summary["export_seconds"] = round(time.time() - t0, 1)
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("wrote %s (%s, quantize=%s, %.1f MB, %d factorized linears as MatMul pairs%s)", output,
+             precision, quantize, summary["files"]["onnx_bytes"] / 1e6, len(factors),
+             f", .ort {summary['mobile']['ort_bytes'] / 1e6:.1f} MB" if mobile else "")
+    return summary

@@ -1,0 +1,198 @@
+"""Graph checks: each factorized linear is exactly two MatMuls with the factor shapes.
+
+The checks read the weight operand of every MatMul-family node:
+
+- ``MatMul`` / ``FusedMatMul`` / ``MatMulInteger`` / ``MatMulIntegerToFloat`` /
+  ``DynamicQuantizeMatMul``: the initializer on input 1 (through ``Cast`` /
+  ``DequantizeLinear`` / ``Transpose`` where a graph inserts one), shape (K, N);
+- ``MatMulNBits``: the ``K`` and ``N`` attributes (the weight is packed);
+- ``Gemm``: input 1, transposed when ``transB`` is set.
+
+A factorized linear ``W ≈ B·A`` (A: k x in, B: out x k) must appear as one node of shape
+(in, k) under ``<module>/A/`` and one of shape (k, out) under ``<module>/B/``, with nothing of
+shape (in, out) under the module (that would be a re-densified weight). The same check runs on
+the model onnxruntime writes after ``ORT_ENABLE_ALL`` optimization, so a fusion that merged
+the pair would be caught.
+"""
+from __future__ import annotations
+
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+from onnx import numpy_helper  # noqa: F401  (kept for callers inspecting weights)
+
+MATMUL_OPS = {"MatMul", "FusedMatMul", "MatMulInteger", "MatMulIntegerToFloat",
+              "DynamicQuantizeMatMul", "MatMulNBits", "Gemm"}
+_PASS_THROUGH = {"Cast", "DequantizeLinear", "Identity"}
+
+DTYPE_NAMES = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16",
+               onnx.TensorProto.BFLOAT16: "bf16", onnx.TensorProto.INT8: "int8",
+               onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.INT64: "int64",
+               onnx.TensorProto.INT32: "int32", onnx.TensorProto.BOOL: "bool"}
+
+
+@dataclass
+class WeightInfo:
+    node: str
+    op: str
+    shape: tuple[int, int] | None      # (K, N) as the MatMul sees it
+    dtype: str | None                  # storage type of the weight ("int4" for MatMulNBits)
+    initializer: str | None
+
+
+@dataclass
+class PairReport:
+    ok: bool
+    n_factorized: int
+    n_pairs_found: int
+    problems: list[str] = field(default_factory=list)
+    weight_dtypes: dict[str, int] = field(default_factory=dict)
+    op_counts: dict[str, int] = field(default_factory=dict)
+    matmul_nodes: int = 0
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "factorized_linears": self.n_factorized,
+                "pairs_found": self.n_pairs_found, "problems": self.problems[:20],
+                "factor_weight_dtypes": self.weight_dtypes, "matmul_family_nodes": self.matmul_nodes,
+                "op_counts": self.op_counts}
+
+
+def onnx_prefix(module_name: str) -> str:
+    """``model.layers.0.self_attn.q_proj`` -> ``/model/layers.0/self_attn/q_proj/`` (torch's node scope)."""
+    parts: list[str] = []
+    for p in module_name.split("."):
+        if p.isdigit() and parts:
+            parts[-1] += "." + p
+        else:
+            parts.append(p)
+    return "/" + "/".join(parts) + "/"
+
+
+def matmul_weights(model: onnx.ModelProto) -> list[WeightInfo]:
+    """The constant weight operand of every MatMul-family node."""
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    out = []
+    for n in g.node:
+        if n.op_type not in MATMUL_OPS:
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        if n.op_type == "MatMulNBits":
+            bits = int(attrs.get("bits", 4))
+            out.append(WeightInfo(n.name, n.op_type, (int(attrs["K"]), int(attrs["N"])),
+                                  f"int{bits}", n.input[1]))
+            continue
+        name, transposed = n.input[1], False
+        for _ in range(4):  # follow Cast / DequantizeLinear / Transpose back to an initializer
+            if name in inits or name not in producer:
+                break
+            p = producer[name]
+            if p.op_type in _PASS_THROUGH:
+                name = p.input[0]
+            elif p.op_type == "Transpose":
+                name, transposed = p.input[0], not transposed
+            else:
+                break
+        init = inits.get(name)
+        if init is None or len(init.dims) != 2:
+            out.append(WeightInfo(n.name, n.op_type, None, None, None))
+            continue
+        shape = (int(init.dims[0]), int(init.dims[1]))
+        if n.op_type in ("Gemm", "FusedMatMul") and attrs.get("transB", 0):
+            transposed = not transposed
+        if transposed:
+            shape = (shape[1], shape[0])
+        out.append(WeightInfo(n.name, n.op_type, shape, DTYPE_NAMES.get(init.data_type, str(init.data_type)),
+                              name))
+    return out
+
+
+def check_pairs(model: onnx.ModelProto | str | Path, factors: dict[str, tuple[int, int, int]]) -> PairReport:
+    """Check every factorized linear. ``factors`` maps module name -> (in_features, out_features, rank)."""
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    weights = matmul_weights(model)
+    problems: list[str] = []
+    dtypes: Counter = Counter()
+    found = 0
+    for name, (fin, fout, k) in sorted(factors.items()):
+        prefix = onnx_prefix(name)
+        mine = [w for w in weights if prefix in w.node]
+        a = [w for w in mine if f"{prefix}A/" in w.node]
+        b = [w for w in mine if f"{prefix}B/" in w.node]
+        dense = [w for w in mine if w.shape == (fin, fout)]
+        ok = True
+        if len(a) != 1 or a[0].shape != (fin, k):
+            problems.append(f"{name}: A factor: expected one MatMul of shape {(fin, k)}, "
+                            f"found {[(w.op, w.shape) for w in a]}")
+            ok = False
+        if len(b) != 1 or b[0].shape != (k, fout):
+            problems.append(f"{name}: B factor: expected one MatMul of shape {(k, fout)}, "
+                            f"found {[(w.op, w.shape) for w in b]}")
+            ok = False
+        if dense:
+            problems.append(f"{name}: re-densified weight of shape {(fin, fout)} found")
+            ok = False
+        if len(mine) != 2:
+            problems.append(f"{name}: expected exactly 2 MatMul-family nodes, found {len(mine)}")
+            ok = False
+        if ok:
+            found += 1
+            for w in a + b:
+                dtypes[w.dtype or "?"] += 1
+    counts = Counter(n.op_type for n in model.graph.node)
+    return PairReport(ok=not problems, n_factorized=len(factors), n_pairs_found=found, problems=problems,
+                      weight_dtypes=dict(dtypes), op_counts=dict(counts.most_common()),
+                      matmul_nodes=sum(v for k, v in counts.items() if k in MATMUL_OPS))
+
+
+def shape_counts(model: onnx.ModelProto, factors: dict[str, tuple[int, int, int]]) -> dict[str, int]:
+    """Name-free cross-check: how many MatMul-family weights have each factor shape, against the ranks."""
+    expected: Counter = Counter()
+    for fin, fout, k in factors.values():
+        expected[(fin, k)] += 1
+        expected[(k, fout)] += 1
+    have = Counter(w.shape for w in matmul_weights(model) if w.shape in expected)
+    return {"expected": sum(expected.values()),
+            "found": sum(min(have[s], c) for s, c in expected.items()),
+            "missing_shapes": sorted(f"{s[0]}x{s[1]}" for s, c in expected.items() if have[s] < c)}
+
+
+def ort_optimized(model_path: str | Path, out_path: str | Path | None = None, threads: int = 1) -> onnx.ModelProto:
+    """The graph onnxruntime actually runs after ORT_ENABLE_ALL on CPU (written and reloaded)."""
+    import onnxruntime as ort
+
+    tmpdir = None
+    if out_path is None:
+        tmpdir = tempfile.TemporaryDirectory(prefix="swiftsvd-ortopt-")
+        out_path = Path(tmpdir.name) / "optimized.onnx"
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = str(out_path)
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                Path(out_path).name + ".data")
+    so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                "1024")
+    ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+    model = onnx.load(str(out_path), load_external_data=False)
+    if tmpdir is not None:
+        tmpdir.cleanup()
+    return model
+
+
+def initializer_bytes(model: onnx.ModelProto, directory: Path | None = None) -> dict[str, int]:
+    """Bytes of initializers by storage dtype (external data counted from the tensor's metadata)."""
+    import numpy as np
+
+    by: Counter = Counter()
+    for init in model.graph.initializer:
+        n = int(np.prod(init.dims)) if init.dims else 1
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+        by[DTYPE_NAMES.get(init.data_type, str(init.data_type))] += n * itemsize
+    return dict(by)

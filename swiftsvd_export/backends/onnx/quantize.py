@@ -1,0 +1,118 @@
+"""Precision and weight quantization of an exported fp32 graph.
+
+- fp16: every float initializer stored as fp16 (graph inputs/outputs, including the KV cache,
+  stay fp32 so the same runtime code and optimum's loader work unchanged);
+- int8: ``quantize_dynamic`` -> ``MatMulInteger`` (weights int8, activations quantized per call);
+- int4: ``MatMulNBitsQuantizer`` -> ``MatMulNBits`` (4-bit blockwise along K). MatMulNBits' block
+  size must divide K (the input dimension of each MatMul; for a B factor that is the rank), so
+  each MatMul gets the largest block size from the allowed list that divides its K; MatMuls
+  whose K no allowed size divides stay fp32 and are listed in the summary.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+import onnx
+
+from ...errors import SwiftSVDError
+from .graph import matmul_weights
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """onnxruntime's quantizers log every node at INFO on the root logger; keep that out."""
+    root = logging.getLogger()
+    loggers = [root] + [logging.getLogger(n) for n in ("onnxruntime.quantization",
+                                                         "onnxruntime.quantization.matmul_nbits_quantizer")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(logging.WARNING, lg.level))
+    try:
+        yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+INT4_BLOCK_SIZES = (128, 64, 32, 16)
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> None:
+    """Save, with the weights in ``<name>_data`` beside it when the proto would pass 2 GB."""
+    path = Path(path)
+    if model.ByteSize() > 1_800_000_000:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + "_data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+
+
+def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    return convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
+
+
+def quantize_int8(src: Path, dst: Path) -> dict:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with _quiet():
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                         per_channel=False, extra_options={"MatMulConstBOnly": True})
+    return {"mode": "int8", "op": "MatMulInteger", "weight_type": "int8 per-tensor",
+            "activations": "uint8 dynamic"}
+
+
+def check_block_size(block_size: int | None) -> None:
+    if block_size is None:
+        return
+    if block_size < 16 or block_size & (block_size - 1):
+        raise SwiftSVDError(f"--block-size {block_size}: must be a power of two >= 16 (MatMulNBits)")
+
+
+def plan_int4(model: onnx.ModelProto, block_size: int | None) -> tuple[dict[int, list[str]], list[dict]]:
+    """Block size per MatMul: {block: [node names]}, plus the MatMuls left unquantized."""
+    sizes = (block_size,) if block_size else INT4_BLOCK_SIZES
+    plan: dict[int, list[str]] = {}
+    skipped = []
+    for w in matmul_weights(model):
+        if w.op != "MatMul" or w.shape is None:
+            continue
+        k = w.shape[0]
+        bs = next((b for b in sizes if k % b == 0), None)
+        if bs is None:
+            skipped.append({"node": w.node, "K": k, "N": w.shape[1]})
+        else:
+            plan.setdefault(bs, []).append(w.node)
+    return plan, skipped
+
+
+def quantize_int4(src: Path, dst: Path, block_size: int | None = None, accuracy_level: int = 4) -> dict:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    check_block_size(block_size)
+    model = onnx.load(str(src))
+    plan, skipped = plan_int4(model, block_size)
+    if not plan:
+        raise SwiftSVDError("--quantize int4: no MatMul has an input dimension that the block size "
+                            f"{block_size or INT4_BLOCK_SIZES} divides")
+    all_matmuls = {n.name for n in model.graph.node if n.op_type == "MatMul"}
+    for bs, nodes in sorted(plan.items(), reverse=True):
+        # nodes_to_include is OR'ed with the op type in onnxruntime, so exclude the others instead
+        with _quiet():
+            q = MatMulNBitsQuantizer(model, bits=4, block_size=bs, is_symmetric=True,
+                                     accuracy_level=accuracy_level,
+                                     nodes_to_exclude=sorted(all_matmuls - set(nodes)))
+            q.process()
+        model = q.model.model
+    save_model(model, dst)
+    if skipped:
+        log.warning("int4: %d MatMul(s) left in fp32 (no block size in %s divides K): %s", len(skipped),
+                    (block_size,) if block_size else INT4_BLOCK_SIZES,
+                    ", ".join(f"{s['node']} K={s['K']}" for s in skipped[:6]))
+    return {"mode": "int4", "op": "MatMulNBits", "symmetric": True, "accuracy_level": accuracy_level,
+            "block_sizes": {str(bs): len(nodes) for bs, nodes in sorted(plan.items(), reverse=True)},
+            "left_fp32": skipped}

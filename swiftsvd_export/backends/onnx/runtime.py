@@ -1,0 +1,214 @@
+"""The project's own generation loop on plain onnxruntime (no optimum, no torch).
+
+The exported decoder takes ``input_ids``, ``attention_mask``, ``position_ids`` and
+``past_key_values.{i}.key/value`` (batch, kv_heads, past_len, head_dim) and returns ``logits``
+and ``present.{i}.key/value`` (past_len + new tokens). Prefill passes an empty cache
+(past_len = 0); each decode step feeds the previous ``present`` back as ``past`` as OrtValues,
+so the cache is not copied through numpy between steps.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import SwiftSVDError
+
+_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+class OrtDecoder:
+    """A KV-cached decoder session; works for every precision/quantization the exporter writes."""
+
+    def __init__(self, folder: str | Path, threads: int | None = None, model_file: str | None = None,
+                 optimization: str = "all"):
+        import onnxruntime as ort
+
+        folder = Path(folder)
+        if model_file is None:
+            model_file = "model.onnx" if (folder / "model.onnx").is_file() else "model.ort"
+        path = folder / model_file
+        if not path.is_file():
+            raise SwiftSVDError(f"{folder}: no model.onnx or model.ort (export it with "
+                                "`swiftsvd-export export --target onnx`)")
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.graph_optimization_level = {
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[optimization]
+        if threads:
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise SwiftSVDError(f"{path}: onnxruntime cannot load it ({type(e).__name__}: {e})") from None
+        self.folder = folder
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        past = sorted(((int(m.group(1)), m.group(2), n) for n in inputs if (m := _PAST.match(n))))
+        if "input_ids" not in inputs or not past:
+            raise SwiftSVDError(f"{path}: not a KV-cache decoder graph (inputs {sorted(inputs)[:5]})")
+        self.num_layers = max(layer for layer, _, _ in past) + 1
+        self.past_names = [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+        self.present_names = [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+        outputs = [o.name for o in self.session.get_outputs()]
+        missing = [n for n in ["logits"] + self.present_names if n not in outputs]
+        if missing:
+            raise SwiftSVDError(f"{path}: graph lacks outputs {missing[:3]}")
+        self.output_names = ["logits"] + self.present_names
+        first = inputs[self.past_names[0]]
+        self.kv_dtype = _ORT_TYPES.get(first.type, np.float32)
+        shape = first.shape  # [batch, kv_heads, past_len, head_dim], some dims symbolic
+        cfg = self._config()
+        kv_heads = shape[1] if isinstance(shape[1], int) else cfg.get("num_key_value_heads",
+                                                                         cfg.get("num_attention_heads"))
+        head_dim = shape[3] if isinstance(shape[3], int) else (
+            cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+        self.kv_heads, self.head_dim = int(kv_heads), int(head_dim)
+        self.has_position_ids = "position_ids" in inputs
+        self.has_attention_mask = "attention_mask" in inputs
+        eos = cfg.get("eos_token_id")
+        gen = folder / "generation_config.json"
+        if gen.is_file():
+            eos = json.loads(gen.read_text()).get("eos_token_id", eos)
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+
+    def _config(self) -> dict:
+        p = self.folder / "config.json"
+        return json.loads(p.read_text()) if p.is_file() else {}
+
+    def empty_cache(self, batch: int = 1) -> list:
+        import onnxruntime as ort
+
+        z = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.kv_dtype)
+        return [ort.OrtValue.ortvalue_from_numpy(z) for _ in self.past_names]
+
+    def step(self, ids: np.ndarray, cache: list | None, past_len: int) -> tuple[np.ndarray, list]:
+        """Run ``ids`` (batch, T) after ``past_len`` cached tokens; returns (logits (batch, T, V), new cache)."""
+        import onnxruntime as ort
+
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        b, t = ids.shape
+        if cache is None:
+            cache = self.empty_cache(b)
+        feed = {"input_ids": ort.OrtValue.ortvalue_from_numpy(ids)}
+        if self.has_attention_mask:
+            feed["attention_mask"] = ort.OrtValue.ortvalue_from_numpy(np.ones((b, past_len + t), np.int64))
+        if self.has_position_ids:
+            pos = np.broadcast_to(np.arange(past_len, past_len + t, dtype=np.int64), (b, t)).copy()
+            feed["position_ids"] = ort.OrtValue.ortvalue_from_numpy(pos)
+        feed.update(zip(self.past_names, cache))
+        out = self.session.run_with_ort_values(self.output_names, feed)
+        return out[0].numpy(), list(out[1:])
+
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        """Full-recompute logits (batch, T, V) from an empty cache."""
+        return self.step(ids, None, 0)[0]
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True, on_token=None) -> dict:
+        rng = np.random.default_rng(seed)
+        ids = np.asarray([prompt_ids], dtype=np.int64)
+        t0 = time.perf_counter()
+        logits, cache = self.step(ids, None, 0)
+        t_prefill = time.perf_counter() - t0
+        past = ids.shape[1]
+        out: list[int] = []
+        t1 = time.perf_counter()
+        for i in range(max_new_tokens):
+            tok = sample(logits[0, -1], temperature, top_p, rng)
+            out.append(tok)
+            if on_token is not None:
+                on_token(tok)
+            if (stop_at_eos and tok in self.eos_ids) or i == max_new_tokens - 1:
+                break
+            logits, cache = self.step(np.asarray([[tok]], np.int64), cache, past)
+            past += 1
+        t_decode = time.perf_counter() - t1
+        steps = max(len(out) - 1, 0)  # the first token comes from the prefill logits
+        return {"tokens": out, "prompt_tokens": len(prompt_ids), "prefill_s": t_prefill,
+                "decode_s": t_decode, "decode_steps": steps,
+                "prefill_tok_s": len(prompt_ids) / t_prefill if t_prefill > 0 else float("inf"),
+                "decode_tok_s": steps / t_decode if t_decode > 0 and steps else float("nan")}
+
+
+def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    """Greedy when temperature <= 0; otherwise temperature + nucleus (top-p) sampling."""
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    z -= z.max()
+    p = np.exp(z)
+    p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p)
+        csum = np.cumsum(p[order])
+        keep = order[: int(np.searchsorted(csum, top_p) + 1)]
+        q = np.zeros_like(p)
+        q[keep] = p[keep]
+        p = q / q.sum()
+    return int(rng.choice(len(p), p=p))
+
+
+def load_tokenizer(folder: Path):
+    """The tokenizer beside the graph: ``tokenizers`` alone (no torch needed), else transformers."""
+    tok_json = Path(folder) / "tokenizer.json"
+    if not tok_json.is_file():
+        raise SwiftSVDError(f"{folder}: no tokenizer.json beside the graph")
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(tok_json))
+
+
+def encode(tokenizer, folder: Path, text: str) -> list[int]:
+    ids = tokenizer.encode(text).ids
+    cfg_path = Path(folder) / "tokenizer_config.json"
+    if cfg_path.is_file():
+        tcfg = json.loads(cfg_path.read_text())
+        bos = tcfg.get("bos_token")
+        bos = bos.get("content") if isinstance(bos, dict) else bos
+        if tcfg.get("add_bos_token") and bos is not None:
+            bos_id = tokenizer.token_to_id(bos)
+            if bos_id is not None and (not ids or ids[0] != bos_id):
+                ids = [bos_id] + ids
+    return ids
+
+
+def generate_cli(args) -> int:
+    folder = Path(args.artifact)
+    if not folder.is_dir():
+        raise SwiftSVDError(f"{folder}: not an ONNX export folder (give the folder written by "
+                            "`swiftsvd-export export --target onnx`)")
+    if args.max_new_tokens < 1:
+        raise SwiftSVDError("--max-new-tokens must be >= 1")
+    if not 0 < args.top_p <= 1:
+        raise SwiftSVDError("--top-p must be in (0, 1]")
+    dec = OrtDecoder(folder, threads=args.threads)
+    tok = load_tokenizer(folder)
+    prompt_ids = encode(tok, folder, args.prompt)
+    if not prompt_ids:
+        raise SwiftSVDError("the prompt encodes to no tokens")
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    state = {"ids": [], "text": ""}
+
+    def on_token(t: int) -> None:  # stream the decoded difference
+        state["ids"].append(t)
+        text = tok.decode(state["ids"], skip_special_tokens=True)
+        sys.stdout.write(text[len(state["text"]):])
+        sys.stdout.flush()
+        state["text"] = text
+
+    r = dec.generate(prompt_ids, args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                     on_token=on_token)
+    sys.stdout.write("\n")
+    mode = "greedy" if args.temperature <= 0 else f"sampled T={args.temperature} top-p={args.top_p} seed={args.seed}"
+    print(f"[onnxruntime {mode}] prompt {r['prompt_tokens']} tok, prefill {r['prefill_tok_s']:.1f} tok/s; "
+          f"generated {len(r['tokens'])} tok, decode {r['decode_tok_s']:.1f} tok/s", file=sys.stderr)
+    return 0

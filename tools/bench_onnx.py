@@ -1,0 +1,196 @@
+#!/usr/bin/env python3
+"""Benchmark SmolLM2-135M in onnxruntime (CPU): dense against low-rank ratios 0.2 and 0.4.
+
+For each model and thread count (in a fresh child process, so peak RSS is the model's own):
+prefill tokens/s at 128 tokens, decode tokens/s at context 128 and 1024, peak RSS, file size.
+Target: decode speedup of compressed over dense >= 0.9 x (dense weight bytes / compressed
+weight bytes), from the same run.
+
+Compressed models: ``--compressed 0.4=out/smol-0.4`` uses a folder from
+``swiftsvd-export compress smollm2-135m out/smol-0.4 --ratio 0.4``; without it the model is
+factorized here by plain truncated SVD with k = floor((1-r)*m*n/(m+n)) per linear (left dense
+where that would not save), which has the same shapes and so the same speed.
+
+    python tools/bench_onnx.py --out bench_onnx.json              # ~10 min on 2 busy cores
+    python tools/bench_onnx.py --threads 1 --decode-steps 8        # shorter
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def svd_compress(model, ratio: float):
+    """Truncated-SVD factorization of every decoder linear at ``ratio`` (fraction of parameters removed)."""
+    import torch
+
+    from swiftsvd_export.lowrank import LowRankLinear, replace_module
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # LAPACK with 2 threads on a busy 2-core machine is ~10x slower
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, torch.nn.Linear) or name.rsplit(".", 1)[-1] not in LINEARS:
+            continue
+        m, n = mod.weight.shape
+        k = math.floor((1 - ratio) * m * n / (m + n))
+        if k <= 0 or k * (m + n) >= m * n:
+            continue
+        U, S, Vh = torch.linalg.svd(mod.weight.data.float(), full_matrices=False)
+        replace_module(model, name, LowRankLinear.from_factors(Vh[:k].contiguous(), (U[:, :k] * S[:k]),
+                                                               bias=mod.bias))
+    torch.set_num_threads(threads)
+    return model
+
+
+def child(folder: str, threads: int, prefill: int, contexts: list[int], steps: int, reps: int) -> dict:
+    """Runs in a fresh process: times one exported folder."""
+    import numpy as np
+
+    from swiftsvd_export.backends.onnx.runtime import OrtDecoder
+
+    t0 = time.perf_counter()
+    dec = OrtDecoder(folder, threads=threads)
+    load_s = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+    vocab = json.loads((Path(folder) / "config.json").read_text())["vocab_size"]
+    out = {"load_s": load_s}
+    ids = rng.integers(0, vocab, size=(1, prefill))
+    dec.step(ids[:, :8], None, 0)  # warm-up
+    best = min(_timed(lambda: dec.step(ids, None, 0)) for _ in range(reps))
+    out["prefill_tok_s"] = prefill / best
+    for ctx in contexts:
+        ids = rng.integers(0, vocab, size=(1, ctx))
+        _, cache = dec.step(ids, None, 0)
+        tok = np.asarray([[1]])
+        _, c2 = dec.step(tok, cache, ctx)  # warm-up at this context
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            c = cache
+            for i in range(steps):  # each step attends to ctx + i tokens
+                _, c = dec.step(tok, c, ctx + i)
+            times.append(time.perf_counter() - t)
+        out[f"decode_tok_s@{ctx}"] = steps / min(times)
+    out["peak_rss_mb"] = peak_rss_mb()
+    return out
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS. VmHWM belongs to the exec'd image; ru_maxrss would carry the
+    parent's high-water mark across fork+exec on Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ratios", default="0.2,0.4")
+    ap.add_argument("--compressed", action="append", default=[], metavar="RATIO=DIR",
+                    help="use this compressed folder for RATIO instead of the built-in truncated SVD")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--prefill", type=int, default=128)
+    ap.add_argument("--contexts", default="128,1024")
+    ap.add_argument("--decode-steps", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--work", default="bench_onnx_work", help="folder for the exported graphs (reused)")
+    ap.add_argument("--out", default="bench_onnx.json")
+    ap.add_argument("--child", nargs=2, metavar=("FOLDER", "THREADS"), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    contexts = [int(c) for c in a.contexts.split(",")]
+    if a.child:
+        print(json.dumps(child(a.child[0], int(a.child[1]), a.prefill, contexts, a.decode_steps, a.reps)))
+        return 0
+
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    from swiftsvd_export.backends.onnx.export import export_onnx
+    from swiftsvd_export.models import load_model
+
+    work = Path(a.work)
+    work.mkdir(exist_ok=True)
+    given = dict(c.split("=", 1) for c in a.compressed)
+    variants = [("dense", None)] + [(f"r{r}", float(r)) for r in a.ratios.split(",")]
+    summaries = {}
+    for name, ratio in variants:
+        dst = work / name
+        if not (dst / "summary.json").is_file():
+            t = time.time()
+            src = given.get(str(ratio)) if ratio is not None else None
+            model, tok, _ = load_model(src or "smollm2-135m")
+            if ratio is not None and src is None:
+                svd_compress(model, ratio)
+            export_onnx(src or f"smollm2-135m (truncated SVD r={ratio})" if ratio else "smollm2-135m", dst,
+                        model=model, tokenizer=tok, overwrite=True)
+            print(f"exported {name} in {time.time() - t:.0f}s", file=sys.stderr)
+        summaries[name] = json.loads((dst / "summary.json").read_text())
+
+    rows = []
+    for name, _ in variants:
+        s = summaries[name]
+        wbytes = sum(s["initializer_bytes"].values())
+        for th in [int(x) for x in a.threads.split(",")]:
+            cmd = [sys.executable, __file__, "--child", str(work / name), str(th), "--prefill", str(a.prefill),
+                   "--contexts", a.contexts, "--decode-steps", str(a.decode_steps), "--reps", str(a.reps)]
+            env = dict(os.environ, OMP_NUM_THREADS=str(th))
+            r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if r.returncode:
+                print(r.stderr[-2000:], file=sys.stderr)
+                return 1
+            m = json.loads(r.stdout.strip().splitlines()[-1])
+            rows.append({"model": name, "threads": th, "file_mb": s["files"]["onnx_bytes"] / 1e6,
+                         "weight_bytes": wbytes, "factorized": s["factorized_linears"], **m})
+            print(f"  {name} t={th}: {m}", file=sys.stderr)
+
+    dense = {r["threads"]: r for r in rows if r["model"] == "dense"}
+    for r in rows:
+        d = dense[r["threads"]]
+        r["weight_ratio"] = d["weight_bytes"] / r["weight_bytes"]
+        r["target_speedup"] = 0.9 * r["weight_ratio"]
+        for ctx in contexts:
+            r[f"speedup@{ctx}"] = r[f"decode_tok_s@{ctx}"] / d[f"decode_tok_s@{ctx}"]
+        r["target_met@128" if 128 in contexts else "target_met"] = (
+            r[f"speedup@{contexts[0]}"] >= r["target_speedup"])
+
+    head = (f"{'model':7} {'thr':>3} {'file MB':>8} {'wt MB':>7} {'prefill t/s':>11} "
+            + " ".join(f"{'dec@' + str(c):>9}" for c in contexts)
+            + " " + " ".join(f"{'spd@' + str(c):>8}" for c in contexts) + f" {'target':>7} {'RSS MB':>7}")
+    print(head)
+    for r in rows:
+        print(f"{r['model']:7} {r['threads']:>3} {r['file_mb']:>8.1f} {r['weight_bytes'] / 1e6:>7.1f} "
+              f"{r['prefill_tok_s']:>11.1f} "
+              + " ".join(f"{r[f'decode_tok_s@{c}']:>9.1f}" for c in contexts) + " "
+              + " ".join(f"{r[f'speedup@{c}']:>8.2f}" for c in contexts)
+              + f" {r['target_speedup']:>7.2f} {r['peak_rss_mb']:>7.0f}")
+    meta = {"cpu_count": os.cpu_count(), "load_avg_at_end": os.getloadavg(), "prefill": a.prefill,
+            "contexts": contexts, "decode_steps": a.decode_steps, "reps": a.reps,
+            "compressed_source": given or "truncated SVD in tools/bench_onnx.py"}
+    Path(a.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    print(f"wrote {a.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
