@@ -11,6 +11,12 @@ from typing import Iterator
 from .errors import SwiftSVDError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def check_output(path: Path, overwrite: bool) -> None:
     if path.exists() and not overwrite:
         raise SwiftSVDError(f"{path} already exists (pass --overwrite to replace it)")
@@ -25,6 +31,11 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
+        # mkdtemp/mkstemp create private (0700/0600) entries; give outputs the usual permissions.
+        tmp.chmod(0o777 & ~_umask())
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                f.chmod(0o666 & ~_umask())
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             path.rename(old)
@@ -48,6 +59,7 @@ def atomic_file(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        tmp.chmod(0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -1,7 +1,22 @@
-"""The compression pipeline: model + calibration → covariances → factors → low-rank model folder."""
+"""The compression pipeline: model + calibration → covariances → factors → low-rank model folder.
+
+Flow (non-sequential, the default): one calibration pass accumulates every block's input
+covariances and, block by block, decomposes each linear once (``stats_cache.decompose_group``:
+eigenvalues of C = W·G·Wᵀ, factor bases up to the break-even rank, error curve). Those
+statistics are cached on disk (``stats_cache``), so any later ratio, allocation or budget on
+the same model + calibration set skips calibration and only slices factors (re-targeting).
+Ranks come from ``--ratio`` (uniform formula or ``--allocation dynamic``, see
+``allocation``), ``--ranks``, ``--target-bytes`` (bytes → parameter budget at the dtype) or
+``--max-ppl-increase`` (bisection over ratios on a held-out slice of the calibration text).
+With ``--sequential`` block i is factorized on the outputs of the already-compressed blocks
+(no cache for that pass; dynamic ranks come from the cached dense statistics), optionally
+with the least-squares refit of B (``--refit``).
+"""
 from __future__ import annotations
 
 import logging
+import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -11,15 +26,21 @@ import torch
 from . import __version__
 from .architectures import spec_for
 from .atomic import atomic_dir, check_output
-from .calibration import DEFAULT_CALIBRATION, build_calibration
+from .allocation import allocation_summary, dynamic_ranks, min_max_linear_params, uniform_ranks_for_budget
+from .calibration import DEFAULT_CALIBRATION, CalibrationSet, build_calibration, read_texts
 from .covariance import BlockStats, calibrate
 from .errors import SwiftSVDError
-from .factorize import METHODS, factorize_group, reconstruction_error
+from .factorize import METHODS
 from .lowrank import DTYPES, LowRankLinear, replace_module, save_lowrank
 from .models import load_model
 from .ranks import check_ratio, param_count, read_ranks_file, uniform_ranks
+from .stats_cache import (LinearSpectrum, ModelStats, decompose_group, entry_path, expected_meta, load_stats,
+                          save_stats)
 
 log = logging.getLogger(__name__)
+
+
+ALLOCATIONS = ("uniform", "dynamic")
 
 
 @dataclass
@@ -40,18 +61,42 @@ class CompressConfig:
     rank_multiple: int = 1
     overwrite: bool = False
     progress: bool = True
+    allocation: str = "uniform"
+    alpha: float = 0.5  # dynamic allocation: exponent on the block importance
+    target_bytes: int | None = None
+    max_ppl_increase: float | None = None  # percent
+    holdout: int = 8  # held-out calibration windows for --max-ppl-increase and the ppl plot
+    cache: bool = True
+    plots: bool = False
+    refit: bool = False  # sequential only: least-squares refit of B against the dense outputs
 
     def validate(self) -> None:
-        if (self.ratio is None) == (self.ranks_file is None):
-            raise SwiftSVDError("give exactly one of --ratio or --ranks")
+        given = [x is not None for x in (self.ratio, self.ranks_file, self.target_bytes, self.max_ppl_increase)]
+        if sum(given) != 1:
+            raise SwiftSVDError("give exactly one of --ratio, --ranks, --target-bytes or --max-ppl-increase")
         if self.ratio is not None:
             check_ratio(self.ratio)
+        if self.target_bytes is not None and self.target_bytes <= 0:
+            raise SwiftSVDError(f"--target-bytes must be a positive number of bytes, got {self.target_bytes}")
+        if self.max_ppl_increase is not None and not (self.max_ppl_increase >= 0 and math.isfinite(self.max_ppl_increase)):
+            raise SwiftSVDError(f"--max-ppl-increase must be a percentage >= 0, got {self.max_ppl_increase} "
+                                "(a perplexity can only rise when compressing)")
         if self.method not in METHODS:
             raise SwiftSVDError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.dtype not in DTYPES:
             raise SwiftSVDError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         if self.rank_multiple < 1:
             raise SwiftSVDError(f"--rank-multiple must be >= 1, got {self.rank_multiple}")
+        if self.allocation not in ALLOCATIONS:
+            raise SwiftSVDError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+        if self.allocation == "dynamic" and self.ranks_file is not None:
+            raise SwiftSVDError("--allocation dynamic chooses the ranks itself; it cannot be combined with --ranks")
+        if not (self.alpha >= 0 and math.isfinite(self.alpha)):
+            raise SwiftSVDError(f"--alpha must be >= 0, got {self.alpha}")
+        if self.refit and not self.sequential:
+            raise SwiftSVDError("--refit needs --sequential (without it the Swift-SVD factors are already optimal)")
+        if self.holdout < 1 and (self.max_ppl_increase is not None or self.plots):
+            raise SwiftSVDError(f"--holdout must be >= 1, got {self.holdout}")
 
 
 @dataclass
@@ -65,6 +110,8 @@ class CompressResult:
     calibration: dict
     timings: dict[str, float] = field(default_factory=dict)
     jitter: dict[str, float] = field(default_factory=dict)
+    choice: dict = field(default_factory=dict)  # how the ranks were chosen (budget, search trace)
+    stats: ModelStats | None = None
 
     @property
     def normalized_error(self) -> float:
@@ -84,53 +131,353 @@ def linear_shapes(model: torch.nn.Module, spec) -> dict[str, tuple[int, int]]:
     return {name: tuple(model.get_submodule(name).weight.shape) for name in spec.linear_names(model)}
 
 
-def compress_model(model, tokenizer, cfg: CompressConfig, ranks: dict[str, int] | None = None,
-                   compute_errors: bool = True) -> CompressResult:
-    """Compress ``model`` in place (its linears become LowRankLinear) and report what was done."""
-    spec = spec_for(model.config)
-    shapes = linear_shapes(model, spec)
-    if ranks is None:
-        if cfg.ratio is not None:
-            ranks = uniform_ranks(shapes, cfg.ratio, cfg.rank_multiple)
-        else:
-            ranks = read_ranks_file(cfg.ranks_file, shapes)
-    t0 = time.perf_counter()
+# ----------------------------------------------------------------------------- calibration data
+
+
+def calibration_with_holdout(tokenizer, cfg: CompressConfig, holdout: int) -> tuple[CalibrationSet, torch.Tensor | None]:
+    """The calibration set (identical to ``build_calibration``'s) and up to ``holdout`` further
+    windows of the same stream that it does not contain, drawn by the same seeded permutation."""
     calib = build_calibration(tokenizer, cfg.calib or DEFAULT_CALIBRATION, cfg.nsamples, cfg.seqlen,
                               cfg.seed, cfg.text_field)
-    t_tok = time.perf_counter() - t0
-    errors: dict[str, tuple[float, float]] = {}
-    jitter: dict[str, float] = {}
-    timers = {"factorize_s": 0.0, "error_s": 0.0}
+    if holdout <= 0:
+        return calib, None
+    texts = read_texts(cfg.calib or DEFAULT_CALIBRATION, cfg.text_field)
+    stream: list[int] = []
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        stream.extend(ids)
+    pieces = torch.tensor(stream[: (len(stream) // cfg.seqlen) * cfg.seqlen], dtype=torch.long).view(-1, cfg.seqlen)
+    order = torch.randperm(len(pieces), generator=torch.Generator().manual_seed(cfg.seed))
+    rest = order[cfg.nsamples:cfg.nsamples + holdout]
+    if len(rest) == 0:
+        raise SwiftSVDError(f"the calibration text has no windows left for a held-out slice "
+                            f"({len(pieces)} windows of {cfg.seqlen}, {cfg.nsamples} used); lower --nsamples")
+    return calib, pieces[rest.sort().values].clone()
 
-    def on_block(layer: torch.nn.Module, stats: BlockStats) -> None:
+
+@torch.no_grad()
+def heldout_ppl(model, ids: torch.Tensor, batch_size: int = 4) -> float:
+    """Perplexity of ``model`` on held-out windows (n, seqlen): every next-token prediction scored."""
+    model.eval()
+    nll, count = 0.0, 0
+    for start in range(0, ids.shape[0], batch_size):
+        x = ids[start:start + batch_size]
+        logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
+        nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+                                                 reduction="sum").item()
+        count += x[:, 1:].numel()
+    return math.exp(nll / count)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def gather_stats(model, spec, calib: CalibrationSet, cfg: CompressConfig, source=None,
+                 timers: dict | None = None) -> ModelStats:
+    """Decompositions of every compressible linear: from the cache when valid, else one
+    (non-sequential) calibration pass, written back to the cache when ``cfg.cache``."""
+    timers = timers if timers is not None else {}
+    path = meta = None
+    if cfg.cache and source is not None:
+        meta = expected_meta(source, calib.describe(), cfg.method)
+        path = entry_path(source, calib.hash, cfg.method)
+        t = time.perf_counter()
+        stats, why = load_stats(path, meta)
+        timers["cache_load_s"] = time.perf_counter() - t
+        if stats is not None and set(stats.spectra) == set(linear_shapes(model, spec)):
+            log.info("statistics cache hit: %s", path)
+            stats.meta["path"] = str(path)
+            return stats
+        if stats is not None:
+            why = "stale (different set of linears)"
+        if why != "missing":
+            msg = f"statistics cache entry {path} is {why}; recomputing it"
+            log.warning(msg)
+            print(f"warning: {msg}", file=sys.stderr)
+    spectra: dict[str, LinearSpectrum] = {}
+    timers.setdefault("factorize_s", 0.0)
+
+    def on_block(layer, stats: BlockStats) -> None:
         prefix = f"{spec.layers_path}.{stats.index}."
+        t = time.perf_counter()
         for group in spec.groups:
-            G = stats.grams[group.name]
-            weights = {lin: layer.get_submodule(lin).weight.detach() for lin in group.linears}
-            group_ranks = {lin: ranks[prefix + lin] for lin in group.linears if prefix + lin in ranks}
-            t = time.perf_counter()
-            factors = factorize_group(weights, G, group_ranks, cfg.method)
-            timers["factorize_s"] += time.perf_counter() - t
-            for lin, f in factors.items():
-                old = layer.get_submodule(lin)
-                new = LowRankLinear.from_factors(f.A.float(), f.B.float(), old.bias, dtype=old.weight.dtype)
-                if compute_errors:
-                    t = time.perf_counter()
-                    errors[prefix + lin] = reconstruction_error(weights[lin], f.B @ f.A, G)
-                    timers["error_s"] += time.perf_counter() - t
-                if f.jitter:
-                    jitter[prefix + lin] = f.jitter
-                replace_module(layer, lin, new)
+            weights = {prefix + lin: layer.get_submodule(lin).weight for lin in group.linears}
+            spectra.update(decompose_group(weights, stats.grams[group.name], cfg.method))
+        stats.grams.clear()
+        timers["factorize_s"] += time.perf_counter() - t
 
     t0 = time.perf_counter()
-    stats = calibrate(model, spec, calib.ids, cfg.batch_size, on_block=on_block,
-                      sequential=cfg.sequential, progress=cfg.progress)
-    total = time.perf_counter() - t0
-    timings = {"tokenize_s": t_tok, "calibration_s": total - timers["factorize_s"] - timers["error_s"],
-               "factorize_s": timers["factorize_s"], "error_s": timers["error_s"]}
-    timings["total_s"] = t_tok + timings["calibration_s"] + timings["factorize_s"]
-    return CompressResult(model, tokenizer, ranks, shapes, errors, [s.importance for s in stats],
-                          calib.describe(), timings, jitter)
+    blocks = calibrate(model, spec, calib.ids, cfg.batch_size, on_block=on_block, sequential=False,
+                       progress=cfg.progress)
+    timers["calibration_s"] = time.perf_counter() - t0 - timers["factorize_s"]
+    stats = ModelStats(spectra, [b.importance for b in blocks])
+    if path is not None:
+        t = time.perf_counter()
+        size = save_stats(path, stats, meta)
+        timers["cache_write_s"] = time.perf_counter() - t
+        stats.meta = dict(meta, path=str(path), bytes=size)
+        log.info("statistics cached at %s (%.1f MB)", path, size / 1e6)
+    return stats
+
+
+def apply_factors(model, stats: ModelStats, ranks: dict[str, int],
+                  errors: dict | None = None) -> dict[str, torch.nn.Module]:
+    """Replace every linear in ``ranks`` by its rank-k factors; returns the replaced modules."""
+    originals = {}
+    for name, k in ranks.items():
+        old = model.get_submodule(name)
+        A, B = stats.spectra[name].factors(old.weight.detach(), k)
+        new = LowRankLinear.from_factors(A.float(), B.float(), old.bias, dtype=old.weight.dtype)
+        if errors is not None:
+            errors[name] = stats.spectra[name].error(k)
+        replace_module(model, name, new)
+        originals[name] = old
+    return originals
+
+
+def restore(model, originals: dict[str, torch.nn.Module]) -> None:
+    for name, mod in originals.items():
+        replace_module(model, name, mod)
+
+
+# ----------------------------------------------------------------------------- budgets
+
+
+def _linear_weight_keys(shapes) -> set[str]:
+    return {f"{name}.weight" for name in shapes}
+
+
+def file_layout(model, shapes, dtype: str) -> dict:
+    """Byte accounting of model.safetensors at ``dtype``: fixed part and per-parameter size."""
+    itemsize = DTYPES[dtype].itemsize
+    sd = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False):
+        sd.pop("lm_head.weight", None)
+    lin = _linear_weight_keys(shapes)
+    base = sum(v.numel() for k, v in sd.items() if k not in lin)
+    embed = sum(v.numel() for k, v in sd.items() if "embed" in k or k.startswith("lm_head"))
+    # Upper bound of the JSON header: every linear factorized (two entries), 12-digit numbers.
+    names = [k for k in sd if k not in lin] + [f"{n}.{ab}.weight" for n in shapes for ab in "AB"] + list(lin)
+    entry = '"{}":{{"dtype":"F16","shape":[999999,999999],"data_offsets":[999999999999,999999999999]}},'
+    header = sum(len(entry.format(n)) for n in names) + 200
+    return {"itemsize": itemsize, "base_params": base, "embedding_params": embed, "header_bound": header + 8}
+
+
+def bytes_for(layout: dict, linear_params: int) -> int:
+    return layout["header_bound"] + (layout["base_params"] + linear_params) * layout["itemsize"]
+
+
+def choose_ranks(shapes, budget: int, cfg: CompressConfig, stats: ModelStats | None) -> dict[str, int]:
+    """Ranks for a parameter budget on the compressible linears, with cfg.allocation."""
+    if cfg.allocation == "dynamic":
+        return dynamic_ranks(shapes, stats.values(), stats.importance, budget, cfg.rank_multiple, cfg.alpha)
+    return uniform_ranks_for_budget(shapes, budget, cfg.rank_multiple)[0]
+
+
+def ratio_budget(shapes, ratio: float) -> int:
+    dense = sum(m * n for m, n in shapes.values())
+    return int(round((1.0 - ratio) * dense))
+
+
+def ranks_for_ratio(shapes, ratio: float, cfg: CompressConfig, stats: ModelStats | None) -> dict[str, int]:
+    if cfg.allocation == "dynamic":
+        return choose_ranks(shapes, ratio_budget(shapes, ratio), cfg, stats)
+    return uniform_ranks(shapes, ratio, cfg.rank_multiple)
+
+
+def target_bytes_budget(model, shapes, cfg: CompressConfig) -> tuple[int, dict]:
+    """Linear-parameter budget for --target-bytes, or an error naming the achievable range."""
+    layout = file_layout(model, shapes, cfg.dtype)
+    lo, _ = min_max_linear_params(shapes, cfg.rank_multiple)
+    dense = sum(m * n for m, n in shapes.values())
+    smallest, largest = bytes_for(layout, lo), bytes_for(layout, dense)
+    N = cfg.target_bytes
+    if N < smallest or N >= largest:
+        emb = layout["embedding_params"] * layout["itemsize"]
+        why = (f"below the smallest achievable {smallest:,} bytes (the embeddings alone take {emb:,} bytes, "
+               f"every other tensor at rank {cfg.rank_multiple})" if N < smallest else
+               f"not below the dense model's {largest:,} bytes, so nothing needs compressing")
+        raise SwiftSVDError(f"--target-bytes {N:,} cannot be met at {cfg.dtype}: it is {why}; "
+                            f"achievable sizes are {smallest:,} to {largest - 1:,} bytes")
+    budget = (N - layout["header_bound"]) // layout["itemsize"] - layout["base_params"]
+    return budget, {"layout": layout, "smallest_bytes": smallest, "dense_bytes": largest}
+
+
+def search_ppl(model, shapes, stats: ModelStats, holdout: torch.Tensor, cfg: CompressConfig,
+               say=print) -> tuple[dict[str, int], dict]:
+    """Largest ratio (bisection, 7 steps over (0, 0.95]) whose held-out ppl rises ≤ P %."""
+    t0 = time.perf_counter()
+    base = heldout_ppl(model, holdout, cfg.batch_size)
+    limit = base * (1 + cfg.max_ppl_increase / 100)
+    trace = []
+
+    def evaluate(r):
+        ranks = ranks_for_ratio(shapes, r, cfg, stats)
+        originals = apply_factors(model, stats, ranks)
+        try:
+            p = heldout_ppl(model, holdout, cfg.batch_size)
+        finally:
+            restore(model, originals)
+        trace.append({"ratio": r, "ppl": p, "increase_pct": 100 * (p / base - 1)})
+        return ranks, p
+
+    lo, hi = 0.0, 0.95
+    best = None
+    for _ in range(7):
+        mid = round((lo + hi) / 2, 4)
+        ranks, p = evaluate(mid)
+        if p <= limit:
+            best, lo = (mid, ranks, p), mid
+        else:
+            hi = mid
+    if best is None:  # even tiny compression breaks the limit: take the smallest ratio tried
+        mid = round(hi / 2, 4) if hi > 0.01 else 0.01
+        ranks, p = evaluate(0.01)
+        best = (0.01, ranks, p)
+    r, ranks, p = best
+    info = {"heldout_windows": int(holdout.shape[0]), "dense_heldout_ppl": base, "limit_ppl": limit,
+            "chosen_ratio": r, "chosen_heldout_ppl": p, "trace": trace, "search_s": time.perf_counter() - t0}
+    above = [t for t in trace if t["ratio"] > r]
+    nxt = min(above, key=lambda t: t["ratio"]) if above else None
+    say(f"--max-ppl-increase {cfg.max_ppl_increase}%: dense held-out ppl {base:.3f} on {holdout.shape[0]} windows "
+        f"x {holdout.shape[1]} tokens (limit {limit:.3f}); chose ratio {r} ({cfg.allocation}) with ppl {p:.3f} "
+        f"(+{100 * (p / base - 1):.2f}%)"
+        + (f"; ratio {nxt['ratio']} would give +{nxt['increase_pct']:.2f}%" if nxt else "")
+        + (" — even the smallest ratio exceeds the limit" if p > limit else ""))
+    return ranks, info
+
+
+def ppl_curve(model, shapes, stats: ModelStats, holdout: torch.Tensor, cfg: CompressConfig,
+              ratios=(0.2, 0.4, 0.6)) -> dict:
+    """Held-out perplexity at several ratios, uniform and dynamic (for the plot)."""
+    curve = {"dense": heldout_ppl(model, holdout, cfg.batch_size), "ratios": list(ratios)}
+    for alloc in ALLOCATIONS:
+        sub = CompressConfig(**{**asdict(cfg), "allocation": alloc})
+        points = []
+        for r in ratios:
+            originals = apply_factors(model, stats, ranks_for_ratio(shapes, r, sub, stats))
+            try:
+                points.append(heldout_ppl(model, holdout, cfg.batch_size))
+            finally:
+                restore(model, originals)
+        curve[alloc] = points
+    return curve
+
+
+def refit_b(A: torch.Tensor, W: torch.Tensor, G_cc: torch.Tensor, G_cd: torch.Tensor,
+            ridge: float = 1e-6) -> torch.Tensor:
+    """Training-free refit of B given A (sequential mode).
+
+    With X_c the linear's input on the compressed path and X_d its input in the dense model,
+    minimise ‖X_c·Aᵀ·Bᵀ − X_d·Wᵀ‖²_F over B (A fixed): the normal equations give
+    Bᵀ = (A·G_cc·Aᵀ)⁻¹ · A·G_cd·Wᵀ with G_cc = X_cᵀX_c and G_cd = X_cᵀX_d. A relative ridge
+    (``ridge`` x mean diagonal) keeps the k x k system well posed.
+    """
+    A = A.to(torch.float64)
+    W = W.to(torch.float64)
+    M = A @ G_cc.to(torch.float64) @ A.T
+    M = M + ridge * M.diagonal().mean().clamp_min(1e-30) * torch.eye(M.shape[0], dtype=M.dtype)
+    rhs = A @ G_cd.to(torch.float64) @ W.T
+    return torch.linalg.solve(M, rhs).T
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+def compress_model(model, tokenizer, cfg: CompressConfig, ranks: dict[str, int] | None = None,
+                   compute_errors: bool = True, source=None, say=None) -> CompressResult:
+    """Compress ``model`` in place (its linears become LowRankLinear) and report what was done.
+
+    ``source`` (the model folder) enables the statistics cache (unless ``cfg.cache`` is off);
+    without it every call calibrates. ``say`` receives the one-line explanations of budget choices.
+    """
+    say = say or (lambda msg: log.info(msg))
+    spec = spec_for(model.config)
+    shapes = linear_shapes(model, spec)
+    timers: dict[str, float] = {"factorize_s": 0.0}
+    choice: dict = {"allocation": cfg.allocation}
+    t_start = time.perf_counter()
+    need_holdout = cfg.max_ppl_increase is not None or cfg.plots
+    calib, holdout = calibration_with_holdout(tokenizer, cfg, cfg.holdout if need_holdout else 0)
+    timers["tokenize_s"] = time.perf_counter() - t_start
+    if ranks is None and cfg.target_bytes is not None:
+        budget, info = target_bytes_budget(model, shapes, cfg)  # fails fast, before calibrating
+        choice.update(target_bytes=cfg.target_bytes, linear_budget=budget, smallest_bytes=info["smallest_bytes"],
+                      dense_bytes=info["dense_bytes"], header_bound=info["layout"]["header_bound"])
+    need_stats = (not cfg.sequential) or cfg.allocation == "dynamic" or cfg.max_ppl_increase is not None \
+        or cfg.plots
+    stats = gather_stats(model, spec, calib, cfg, source, timers) if need_stats else None
+    if ranks is None:
+        if cfg.ratio is not None:
+            ranks = ranks_for_ratio(shapes, cfg.ratio, cfg, stats)
+            if cfg.allocation == "dynamic":
+                choice["linear_budget"] = ratio_budget(shapes, cfg.ratio)
+        elif cfg.ranks_file is not None:
+            ranks = read_ranks_file(cfg.ranks_file, shapes)
+        elif cfg.target_bytes is not None:
+            ranks = choose_ranks(shapes, choice["linear_budget"], cfg, stats)
+            after = param_count(shapes, ranks)[1]
+            layout = file_layout(model, shapes, cfg.dtype)
+            dense = sum(m * n for m, n in shapes.values())
+            say(f"--target-bytes {cfg.target_bytes:,}: at {cfg.dtype} ({layout['itemsize']} B/param) the "
+                f"non-factorizable tensors take {layout['base_params'] * layout['itemsize']:,} bytes and the header "
+                f"at most {layout['header_bound']:,}, leaving {choice['linear_budget']:,} parameters for the linears; "
+                f"{cfg.allocation} allocation uses {after:,} (ratio {1 - after / dense:.4f}), "
+                f"predicted file <= {bytes_for(layout, after):,} bytes")
+        else:
+            ranks, info = search_ppl(model, shapes, stats, holdout, cfg, say)
+            choice.update(max_ppl_increase=cfg.max_ppl_increase, **info)
+    if cfg.plots and stats is not None:
+        choice["ppl_curve"] = ppl_curve(model, shapes, stats, holdout, cfg)
+    errors: dict[str, tuple[float, float]] = {}
+    jitter: dict[str, float] = {}
+    t = time.perf_counter()
+    if not cfg.sequential:
+        apply_factors(model, stats, ranks, errors if compute_errors else None)
+        timers["build_s"] = time.perf_counter() - t
+    else:
+        seq_factorize = 0.0
+
+        def on_block(layer, bstats: BlockStats) -> None:
+            nonlocal seq_factorize
+            prefix = f"{spec.layers_path}.{bstats.index}."
+            t1 = time.perf_counter()
+            for group in spec.groups:
+                weights = {prefix + lin: layer.get_submodule(lin).weight for lin in group.linears
+                           if prefix + lin in ranks}
+                if not weights:
+                    continue
+                spectra = decompose_group(weights, bstats.grams[group.name], cfg.method)
+                for name, k in ((n, ranks[n]) for n in weights):
+                    lin = name[len(prefix):]
+                    old = layer.get_submodule(lin)
+                    A, B = spectra[name].factors(old.weight.detach(), k)
+                    if cfg.refit:
+                        B = refit_b(A, old.weight.detach(), bstats.grams[group.name],
+                                    bstats.extra["cross"][group.name])
+                    if compute_errors:
+                        errors[name] = spectra[name].error(k)
+                    replace_module(layer, lin, LowRankLinear.from_factors(A.float(), B.float(), old.bias,
+                                                                          dtype=old.weight.dtype))
+            seq_factorize += time.perf_counter() - t1
+
+        blocks = calibrate(model, spec, calib.ids, cfg.batch_size, on_block=on_block, sequential=True,
+                           progress=cfg.progress, cross=cfg.refit)
+        timers["sequential_s"] = time.perf_counter() - t
+        timers["factorize_s"] += seq_factorize
+        if stats is None:
+            stats = ModelStats({}, [b.importance for b in blocks])
+    timers["total_s"] = time.perf_counter() - t_start
+    timers.setdefault("calibration_s", 0.0)
+    if stats is not None and stats.from_cache:
+        choice["stats_cache"] = "hit"
+    elif stats is not None and stats.meta.get("path"):
+        choice["stats_cache"] = "written"
+    else:
+        choice["stats_cache"] = "off"
+    if stats is not None and stats.meta.get("path"):
+        choice["stats_cache_path"] = stats.meta["path"]
+    return CompressResult(model, tokenizer, ranks, shapes, errors, list(stats.importance) if stats else [],
+                          calib.describe(), timers, jitter, choice, stats)
 
 
 def _versions() -> dict[str, str]:
@@ -147,7 +494,10 @@ def build_manifest(cfg: CompressConfig, result: CompressResult, source: str) -> 
         "normalized_reconstruction_error": result.normalized_error,
         "block_importance": result.importance, "timings": result.timings,
         "cholesky_jitter": result.jitter, "ranks": result.ranks, "versions": _versions(),
-        "config": asdict(cfg),
+        "config": asdict(cfg), "allocation": cfg.allocation, "alpha": cfg.alpha,
+        "choice": {k: v for k, v in result.choice.items() if k != "trace"},
+        "ppl_search_trace": result.choice.get("trace"),
+        "linears": allocation_summary(result.shapes, result.ranks, result.stats.values()) if result.stats else {},
     }
 
 
@@ -161,17 +511,30 @@ def compress(cfg: CompressConfig) -> dict:
     out = Path(cfg.output)
     check_output(out, cfg.overwrite)
     model, tokenizer, folder = load_model(cfg.model)
-    result = compress_model(model, tokenizer, cfg)
+    result = compress_model(model, tokenizer, cfg, source=folder,
+                            say=lambda msg: print(msg, file=sys.stderr, flush=True))
     manifest = build_manifest(cfg, result, str(folder))
     with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
         save_lowrank(model, tmp, cfg.dtype, manifest, tokenizer)
+        if cfg.plots:
+            from .plots import plot_ppl_vs_ratio, plot_ranks
+
+            plot_ranks(result.shapes, result.ranks, tmp / "ranks.png",
+                       title=f"{Path(cfg.model).name}: ranks ({cfg.allocation})")
+            if "ppl_curve" in result.choice:
+                plot_ppl_vs_ratio(result.choice["ppl_curve"], tmp / "ppl_vs_ratio.png",
+                                  ylabel=f"held-out calibration ppl ({cfg.holdout} x {cfg.seqlen} tokens)")
     params = result.params()
     itemsize = DTYPES[cfg.dtype].itemsize
     summary = {**params, "normalized_reconstruction_error": result.normalized_error,
                "factorized_linears": len(result.ranks), "linears": len(result.shapes),
                "output_bytes": folder_bytes(out), "weights_bytes": (out / "model.safetensors").stat().st_size,
                "dense_weights_bytes_same_dtype": params["model_params_dense"] * itemsize,
-               "timings": result.timings, "output": str(out)}
+               "timings": result.timings, "output": str(out), "allocation": cfg.allocation,
+               "choice": {k: v for k, v in result.choice.items() if k != "trace"}}
+    if cfg.target_bytes is not None and summary["weights_bytes"] > cfg.target_bytes:
+        raise SwiftSVDError(f"internal: model.safetensors is {summary['weights_bytes']:,} bytes, above "
+                            f"--target-bytes {cfg.target_bytes:,}")
     return summary
 
 
@@ -184,8 +547,10 @@ def format_summary(s: dict) -> str:
         ("normalized reconstruction error", f"{s['normalized_reconstruction_error']:.4e}"),
         ("model.safetensors bytes", f"{s['weights_bytes']:,} (dense at this dtype: {s['dense_weights_bytes_same_dtype']:,})"),
         ("output folder bytes", f"{s['output_bytes']:,}"),
+        ("allocation", s.get("allocation", "uniform")),
+        ("statistics cache", f"{s.get('choice', {}).get('stats_cache', 'off')} {s.get('choice', {}).get('stats_cache_path', '')}".strip()),
         ("time (calibration / factorization / total)",
-         f"{s['timings']['calibration_s']:.1f} s / {s['timings']['factorize_s']:.1f} s / {s['timings']['total_s']:.1f} s"),
+         f"{s['timings'].get('calibration_s', 0.0):.1f} s / {s['timings'].get('factorize_s', 0.0):.1f} s / {s['timings']['total_s']:.1f} s"),
         ("written to", s["output"]),
     ]
     width = max(len(k) for k, _ in rows)

@@ -87,12 +87,16 @@ def run_block(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, batch_size: 
 @torch.no_grad()
 def calibrate(model: nn.Module, spec: ArchSpec, ids: torch.Tensor, batch_size: int = 8,
               on_block: Callable[[nn.Module, BlockStats], None] | None = None,
-              sequential: bool = False, progress: bool = True) -> list[BlockStats]:
+              sequential: bool = False, progress: bool = True, cross: bool = False) -> list[BlockStats]:
     """Accumulate per-block input covariances over ``ids`` (n, seqlen).
 
     ``on_block(layer, stats)`` is called once block i's statistics are complete (it may
     replace the block's linears). With ``sequential``, block i+1 then sees the outputs of the
     modified block i; otherwise it sees the dense outputs computed during the pass.
+
+    ``cross`` (sequential only) also carries the dense model's hidden states alongside and
+    stores, per input group, the cross-covariance X_cᵀ·X_d between the compressed-path input
+    X_c and the dense input X_d in ``stats.extra["cross"]`` (for the least-squares refit of B).
     """
     import time
 
@@ -101,20 +105,33 @@ def calibrate(model: nn.Module, spec: ArchSpec, ids: torch.Tensor, batch_size: i
     if not torch.isfinite(hidden).all():
         raise SwiftSVDError("NaN or Inf in the activations entering block 0 (embeddings)")
     outs = torch.empty_like(hidden)
+    cross = cross and sequential
+    dense_hidden = hidden.clone() if cross else None
+    dense_outs = torch.empty_like(hidden) if cross else None
     layers = spec.layers(model)
     results: list[BlockStats] = []
     for i, layer in enumerate(tqdm(layers, desc="calibrating blocks", disable=not progress, unit="block")):
         t0 = time.perf_counter()
         grams: dict[str, torch.Tensor] = {}
+        crosses: dict[str, torch.Tensor] = {}
+        seen: dict[str, torch.Tensor] = {}
+        mode = {"dense": False}
         hooks = []
         for group in spec.groups:
             first = layer.get_submodule(group.linears[0])
             d = first.in_features
             acc = grams[group.name] = torch.zeros(d, d, dtype=torch.float64)
+            if cross:
+                crosses[group.name] = torch.zeros(d, d, dtype=torch.float64)
 
-            def hook(_mod, args, acc=acc):
+            def hook(_mod, args, acc=acc, gname=group.name):
                 x = args[0].reshape(-1, args[0].shape[-1]).float()
+                if mode["dense"]:
+                    crosses[gname] += (seen.pop(gname).T @ x).double()
+                    return
                 acc += (x.T @ x).double()
+                if cross:
+                    seen[gname] = x
             hooks.append(first.register_forward_pre_hook(hook))
         cos_sum = 0.0
         try:
@@ -122,6 +139,13 @@ def calibrate(model: nn.Module, spec: ArchSpec, ids: torch.Tensor, batch_size: i
                 x = hidden[start:start + batch_size]
                 y = _block_output(layer(x, **kwargs))
                 outs[start:start + batch_size] = y
+                if cross:  # the same dense block on the dense stream: X_cᵀX_d and the dense outputs
+                    mode["dense"] = True
+                    try:
+                        xd = dense_hidden[start:start + batch_size]
+                        dense_outs[start:start + batch_size] = _block_output(layer(xd, **kwargs))
+                    finally:
+                        mode["dense"] = False
                 cos_sum += torch.nn.functional.cosine_similarity(x, y, dim=-1).double().sum().item()
         finally:
             for h in hooks:
@@ -132,6 +156,8 @@ def calibrate(model: nn.Module, spec: ArchSpec, ids: torch.Tensor, batch_size: i
                 raise SwiftSVDError(f"NaN or Inf in the activations at the input of {name}")
         n_tokens = hidden.shape[0] * hidden.shape[1]
         stats = BlockStats(i, grams, n_tokens, 1.0 - cos_sum / n_tokens, time.perf_counter() - t0)
+        if cross:
+            stats.extra["cross"] = crosses
         if on_block is not None:
             on_block(layer, stats)
             if sequential:
@@ -140,4 +166,6 @@ def calibrate(model: nn.Module, spec: ArchSpec, ids: torch.Tensor, batch_size: i
             raise SwiftSVDError(f"NaN or Inf in the activations leaving block {i}")
         results.append(stats)
         hidden, outs = outs, hidden
+        if cross:
+            dense_hidden, dense_outs = dense_outs, dense_hidden
     return results

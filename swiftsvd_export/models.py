@@ -156,5 +156,7 @@ def load_model(model: str, dtype: torch.dtype = torch.float32):
         if not any(folder.glob("*.safetensors")):
             raise SwiftSVDError(f"{folder}: no safetensors weights (pickled .bin weights are not loaded)")
         m = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True).eval()
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise SwiftSVDError(f"{folder}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json)")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return m, tokenizer, folder

@@ -2,10 +2,11 @@
 """Benchmark the compression methods side by side on SmolLM2-135M (not a test).
 
 Setup: 64 x 512 tokens of WikiText-2 train (seed 0) for calibration; WikiText-2 test for
-perplexity. For every method (swift, whiten, svd) and ratio it runs one full compression in a
-child process (so peak RSS is that run's own), then scores perplexity. It also times a bare
-forward pass over the same calibration tokens, to express the covariance pass as a multiple of
-it. Prints a Markdown table and writes JSON.
+perplexity. For every method (swift, whiten, svd) and ratio: factorization time, reconstruction error and
+perplexity. One calibration pass per ratio feeds
+all three methods (same covariances, same ranks); swift and whiten are timed alternately on each
+block's covariances. The covariance pass is timed against a bare forward over the same tokens,
+alternated in one process. The real ``swiftsvd-export compress`` runs once alone, for peak RSS. Prints a Markdown table and writes JSON.
 
     python tools/bench_compress.py --out bench_out/compress.json
     python tools/bench_compress.py --ppl-windows 0      # score the whole test set (slow on 2 cores)
@@ -13,6 +14,7 @@ it. Prints a Markdown table and writes JSON.
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import resource
 import subprocess
@@ -31,74 +33,140 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def child_compress(method: str, ratio: float, out: str, nsamples: int, seqlen: int) -> dict:
-    from swiftsvd_export.compress import CompressConfig, compress_model
-    from swiftsvd_export.lowrank import save_lowrank
-    from swiftsvd_export.models import load_model
+def child_joint(ratio: float, outdir: str, nsamples: int, seqlen: int, repeats: int) -> dict:
+    """One calibration pass; every block's covariances are then factorized by every method.
 
-    model, tok, _ = load_model("smollm2-135m")
-    rss_loaded = peak_rss_mb()
-    cfg = CompressConfig("smollm2-135m", out, ratio=ratio, method=method, calib=str(TRAIN),
-                         nsamples=nsamples, seqlen=seqlen, seed=0, progress=False)
-    r = compress_model(model, tok, cfg)
-    save_lowrank(model, Path(out), "fp32")
-    return {"method": method, "ratio": ratio, **r.timings, "peak_rss_mb": peak_rss_mb(),
-            "rss_after_load_mb": rss_loaded, "normalized_error": r.normalized_error,
-            "achieved_ratio": r.params()["achieved_ratio"], "jitter_linears": len(r.jitter)}
-
-
-def child_forward(nsamples: int, seqlen: int) -> dict:
-    """A bare forward (decoder blocks, no LM head: what calibration runs) over the same tokens."""
-    import torch
-
-    from swiftsvd_export.calibration import build_calibration
-    from swiftsvd_export.models import load_model
-
-    model, tok, _ = load_model("smollm2-135m")
-    calib = build_calibration(tok, TRAIN, nsamples, seqlen, 0)
-    t = time.perf_counter()
-    with torch.no_grad():
-        for b in range(0, nsamples, 8):
-            model.model(input_ids=calib.ids[b:b + 8], use_cache=False)
-    return {"bare_forward_s": time.perf_counter() - t, "tokens": nsamples * seqlen,
-            "fp32_model_mb": sum(p.numel() for p in model.parameters()) * 4 / 2**20}
-
-
-def child_factorize(ratio: float, nsamples: int, seqlen: int, repeats: int) -> dict:
-    """Factorization alone, swift against whiten on the same covariances, interleaved per block
-    and repeated, so machine noise hits both alike (median of ``repeats``)."""
+    swift and whiten are timed alternately on the same covariances (median of ``repeats``), so
+    machine noise hits both alike; the calibration cost is the same pass for all methods.
+    """
+    import copy
     import statistics
 
     from swiftsvd_export.architectures import spec_for
     from swiftsvd_export.calibration import build_calibration
     from swiftsvd_export.compress import linear_shapes
     from swiftsvd_export.covariance import calibrate
-    from swiftsvd_export.factorize import factorize_group
+    from swiftsvd_export.factorize import METHODS, factorize_group, reconstruction_error
+    from swiftsvd_export.lowrank import LowRankLinear, replace_module, save_lowrank
     from swiftsvd_export.models import load_model
-    from swiftsvd_export.ranks import uniform_ranks
+    from swiftsvd_export.ranks import param_count, uniform_ranks
 
     model, tok, _ = load_model("smollm2-135m")
     spec = spec_for(model.config)
-    ranks = uniform_ranks(linear_shapes(model, spec), ratio)
+    shapes = linear_shapes(model, spec)
+    ranks = uniform_ranks(shapes, ratio)
     calib = build_calibration(tok, TRAIN, nsamples, seqlen, 0)
-    times = {"swift": 0.0, "whiten": 0.0}
+    seconds = {m: 0.0 for m in METHODS}
+    errors = {m: [0.0, 0.0] for m in METHODS}
+    factors = {m: {} for m in METHODS}
+    jitter = {m: 0 for m in METHODS}
+
+    inside = [0.0]
 
     def on_block(layer, stats):
+        t_in = time.perf_counter()
+        _factorize_all(layer, stats)
+        inside[0] += time.perf_counter() - t_in
+
+    def _factorize_all(layer, stats):
         prefix = f"{spec.layers_path}.{stats.index}."
         for group in spec.groups:
+            G = stats.grams[group.name]
             weights = {lin: layer.get_submodule(lin).weight.detach() for lin in group.linears}
             rk = {lin: ranks[prefix + lin] for lin in group.linears if prefix + lin in ranks}
-            for method in ("swift", "whiten"):
+            for method in METHODS:
                 samples = []
-                for _ in range(repeats):
+                for _ in range(repeats if method != "svd" else 1):
                     t = time.perf_counter()
-                    factorize_group(weights, stats.grams[group.name], rk, method)
+                    out = factorize_group(weights, G, rk, method)
                     samples.append(time.perf_counter() - t)
-                times[method] += statistics.median(samples)
+                seconds[method] += statistics.median(samples)
+                for lin, f in out.items():
+                    e, n = reconstruction_error(weights[lin], f.B @ f.A, G)
+                    errors[method][0] += e
+                    errors[method][1] += n
+                    jitter[method] += f.jitter > 0
+                    factors[method][prefix + lin] = (f.A.float(), f.B.float())
 
+    t = time.perf_counter()
     calibrate(model, spec, calib.ids, 8, on_block=on_block, progress=False)
-    return {"ratio": ratio, "repeats": repeats, "swift_s": times["swift"], "whiten_s": times["whiten"],
-            "whiten_over_swift": times["whiten"] / times["swift"]}
+    pass_s = time.perf_counter() - t
+    calibration_s = pass_s - inside[0]
+    dense, after = param_count(shapes, ranks)
+    runs = []
+    for method in METHODS:
+        m = copy.deepcopy(model)
+        for name, (A, B) in factors[method].items():
+            replace_module(m, name, LowRankLinear.from_factors(A, B))
+        save_lowrank(m, Path(outdir) / method, "fp32", tokenizer=tok)
+        del m
+        runs.append({"method": method, "ratio": ratio, "factorize_s": seconds[method],
+                     "normalized_error": errors[method][0] / errors[method][1],
+                     "cholesky_jitter_linears": jitter[method], "achieved_ratio": 1 - after / dense})
+    return {"calibration_s": calibration_s, "repeats": repeats, "runs": runs}
+
+
+def child_compress_cli(out: str, nsamples: int, seqlen: int) -> dict:
+    """The product path, alone in its process: ``swiftsvd-export compress`` (swift), for peak RSS.
+    ``--no-cache``: a cold run (the statistics cache would skip the calibration pass)."""
+    from swiftsvd_export.cli import main as cli_main
+
+    t = time.perf_counter()
+    code = cli_main(["compress", "smollm2-135m", out, "--ratio", "0.4", "--calib", str(TRAIN),
+                     "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--json", "--no-cache"])
+    return {"exit": code, "wall_s": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb()}
+
+
+def child_forward(nsamples: int, seqlen: int, repeats: int = 1) -> dict:
+    """The covariance pass against a bare forward over the same tokens, alternated in one
+    process so that machine noise hits both alike. The bare forward runs the decoder blocks
+    without the LM head, which is what calibration runs."""
+    import statistics
+
+    import torch
+
+    from swiftsvd_export.architectures import spec_for
+    from swiftsvd_export.calibration import build_calibration
+    from swiftsvd_export.covariance import calibrate
+    from swiftsvd_export.models import load_model
+
+    model, tok, _ = load_model("smollm2-135m")
+    spec = spec_for(model.config)
+    calib = build_calibration(tok, TRAIN, nsamples, seqlen, 0)
+    fwd, cov = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        with torch.no_grad():
+            for b in range(0, nsamples, 8):
+                model.model(input_ids=calib.ids[b:b + 8], use_cache=False)
+        fwd.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        calibrate(model, spec, calib.ids, 8, progress=False)
+        cov.append(time.perf_counter() - t)
+    # Accumulation schemes for XᵀX on real activations (block 0's input, all calibration tokens).
+    from swiftsvd_export.covariance import capture_block_inputs
+
+    hidden, _ = capture_block_inputs(model, spec, calib.ids, 8)
+    batches = [h.reshape(-1, h.shape[-1]) for h in hidden.split(8)]
+    ref = sum(b.double().T @ b.double() for b in batches)
+    schemes = {}
+    for name, fn in {
+        "float64 GEMM": lambda b: b.double().T @ b.double(),
+        "float32 GEMM, float64 sum (used)": lambda b: (b.T @ b).double(),
+        "float32 GEMM, float32 sum": lambda b: b.T @ b,
+    }.items():
+        t = time.perf_counter()
+        acc = None
+        for b in batches:
+            g = fn(b)
+            acc = g if acc is None else acc + g
+        dt = time.perf_counter() - t
+        schemes[name] = {"seconds": dt, "rel_error": ((acc.double() - ref).norm() / ref.norm()).item()}
+    return {"bare_forward_s": statistics.median(fwd), "covariance_pass_s": statistics.median(cov),
+            "gram_schemes": schemes,
+            "covariance_over_forward": statistics.median(cov) / statistics.median(fwd),
+            "repeats": repeats, "tokens": nsamples * seqlen,
+            "fp32_model_mb": sum(p.numel() for p in model.parameters()) * 4 / 2**20}
 
 
 def child_ppl(model_dir: str, windows: int | None) -> dict:
@@ -129,10 +197,13 @@ def main() -> None:
     a = ap.parse_args()
     if a.child:
         kind, *rest = a.child
-        if kind == "compress":
-            r = child_compress(rest[0], float(rest[1]), rest[2], int(rest[3]), int(rest[4]))
-        elif kind == "factorize":
-            r = child_factorize(float(rest[0]), int(rest[1]), int(rest[2]), int(rest[3]))
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+        if kind == "joint":
+            r = child_joint(float(rest[0]), rest[1], int(rest[2]), int(rest[3]), int(rest[4]))
+        elif kind == "cli":
+            r = child_compress_cli(rest[0], int(rest[1]), int(rest[2]))
         elif kind == "forward":
             r = child_forward(int(rest[0]), int(rest[1]))
         else:
@@ -154,32 +225,35 @@ def main() -> None:
     results["dense_ppl"] = run_child("ppl", str(resolve("smollm2-135m")), windows)
     rows = []
     for ratio in a.ratios.split(","):
-        for method in a.methods.split(","):
-            print(f"{method} @ {ratio}...", file=sys.stderr)
-            out = work / f"{method}-{ratio}"
-            r = run_child("compress", method, ratio, str(out), str(a.nsamples), str(a.seqlen))
-            r["ppl"] = run_child("ppl", str(out), windows)["ppl"]
-            r["calibration_x_forward"] = r["calibration_s"] / results["forward"]["bare_forward_s"]
+        print(f"ratio {ratio}: one calibration pass, three methods...", file=sys.stderr)
+        joint = run_child("joint", ratio, str(work / ratio), str(a.nsamples), str(a.seqlen), "3")
+        for r in joint["runs"]:
+            r["calibration_s"] = joint["calibration_s"]
+            r["total_s"] = joint["calibration_s"] + r["factorize_s"]
+            r["ppl"] = run_child("ppl", str(work / ratio / r["method"]), windows)["ppl"]
             rows.append(r)
             print(json.dumps(r), file=sys.stderr)
     results["runs"] = rows
-    results["factorize_only"] = []
-    for ratio in a.ratios.split(","):
-        print(f"factorization only, swift vs whiten @ {ratio}...", file=sys.stderr)
-        results["factorize_only"].append(run_child("factorize", ratio, str(a.nsamples), str(a.seqlen), "3"))
+    print("the product path alone (swiftsvd-export compress, swift, 0.4) for peak RSS...", file=sys.stderr)
+    results["cli_run"] = run_child("cli", str(work / "cli-swift-0.4"), str(a.nsamples), str(a.seqlen))
     fwd = results["forward"]
     lines = [
         f"Dense perplexity: {results['dense_ppl']['ppl']:.3f} ({results['dense_ppl']['tokens_scored']} tokens scored). "
-        f"Bare forward over {fwd['tokens']} calibration tokens: {fwd['bare_forward_s']:.1f} s; "
+        f"Covariance pass over {fwd['tokens']} calibration tokens: {fwd['covariance_pass_s']:.1f} s against "
+        f"{fwd['bare_forward_s']:.1f} s for a bare forward, alternated in one process (median of {fwd['repeats']}): "
+        f"{fwd['covariance_over_forward']:.2f}x; "
         f"fp32 model {fwd['fp32_model_mb']:.0f} MiB.",
         "",
-        "| method | ratio | calib s | calib / fwd | factorize s | total s | peak RSS MiB | RSS / fp32 model | norm. recon. error | ppl |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"`swiftsvd-export compress smollm2-135m --ratio 0.4` alone: {results['cli_run']['wall_s']:.1f} s wall, "
+        f"peak RSS {results['cli_run']['peak_rss_mb']:.0f} MiB = "
+        f"{results['cli_run']['peak_rss_mb'] / fwd['fp32_model_mb']:.2f}x the fp32 model.",
+        "",
+        "| method | ratio | calibration s | factorize s | total s | norm. recon. error | ppl |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['ratio']} | {r['calibration_s']:.1f} | {r['calibration_x_forward']:.2f}x | "
-                     f"{r['factorize_s']:.2f} | {r['total_s']:.1f} | {r['peak_rss_mb']:.0f} | "
-                     f"{r['peak_rss_mb'] / fwd['fp32_model_mb']:.2f}x | {r['normalized_error']:.4e} | {r['ppl']:.3f} |")
+        lines.append(f"| {r['method']} | {r['ratio']} | {r['calibration_s']:.1f} | {r['factorize_s']:.2f} | "
+                     f"{r['total_s']:.1f} | {r['normalized_error']:.4e} | {r['ppl']:.3f} |")
     for ratio in a.ratios.split(","):
         by = {r["method"]: r for r in rows if str(r["ratio"]) == ratio}
         if {"swift", "whiten"} <= by.keys():
@@ -187,9 +261,8 @@ def main() -> None:
                          f"{by['whiten']['factorize_s'] / by['swift']['factorize_s']:.2f}x"
                          + (f"; svd error / swift error = {by['svd']['normalized_error'] / by['swift']['normalized_error']:.1f}x"
                             if "svd" in by else ""))
-    for f in results["factorize_only"]:
-        lines.append(f"\nfactorization only (same covariances, interleaved, median of {f['repeats']}), ratio {f['ratio']}: "
-                     f"swift {f['swift_s']:.2f} s, whiten {f['whiten_s']:.2f} s, whiten/swift = {f['whiten_over_swift']:.2f}x")
+    for name, g in fwd["gram_schemes"].items():
+        lines.append(f"\nXᵀX accumulation, {name}: {g['seconds']:.3f} s, relative error vs float64 {g['rel_error']:.1e}")
     table = "\n".join(lines)
     results["table_md"] = table
     print(table)

@@ -20,12 +20,30 @@ def add_parser(sub) -> None:
         epilog="examples:\n"
                f"  swiftsvd-export compress {DEFAULT_MODEL} out/smol-0.4 --ratio 0.4\n"
                "  swiftsvd-export compress ./my-hf-model out/m --ratio 0.2 --calib data.jsonl --method whiten\n"
-               "  swiftsvd-export compress model.gguf out/m --ranks ranks.json --dtype bf16\n")
+               "  swiftsvd-export compress model.gguf out/m --ranks ranks.json --dtype bf16\n"
+               f"  swiftsvd-export compress {DEFAULT_MODEL} out/smol-d --ratio 0.4 --allocation dynamic\n"
+               f"  swiftsvd-export compress {DEFAULT_MODEL} out/smol-50m --target-bytes 50000000\n"
+               f"  swiftsvd-export compress {DEFAULT_MODEL} out/smol-p --max-ppl-increase 10 --allocation dynamic\n")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help=f"{DEFAULT_MODEL} (embedded), a transformers folder, or a .gguf file")
     p.add_argument("output", help="output folder (written atomically)")
     p.add_argument("--ratio", type=float, help="fraction of the compressible linears' parameters to remove, in (0, 1)")
     p.add_argument("--ranks", dest="ranks_file", help="JSON {module_name: rank} with explicit ranks")
+    p.add_argument("--target-bytes", type=int, metavar="N",
+                   help="largest model whose model.safetensors fits in N bytes at --dtype")
+    p.add_argument("--max-ppl-increase", type=float, metavar="P",
+                   help="most compression whose held-out calibration perplexity rises by at most P %%")
+    p.add_argument("--allocation", choices=["uniform", "dynamic"], default="uniform",
+                   help="uniform: one ratio for every linear (default); dynamic: per-matrix ranks from the "
+                        "eigenvalue tails weighted by block importance, under the same global budget")
+    p.add_argument("--alpha", type=float, default=0.5,
+                   help="dynamic allocation: exponent on the block importance (0 = local spectra only; default 0.5)")
+    p.add_argument("--holdout", type=int, default=8,
+                   help="held-out calibration windows for --max-ppl-increase and --plots (default 8)")
+    p.add_argument("--no-cache", dest="cache", action="store_false",
+                   help="do not read or write the covariance/eigendecomposition cache (under $SWIFTSVD_CACHE/stats)")
+    p.add_argument("--plots", action="store_true",
+                   help="write ranks.png and ppl_vs_ratio.png (held-out, uniform vs dynamic) into the output folder")
     p.add_argument("--method", choices=METHODS, default="swift",
                    help="swift (default), whiten (SVD-LLM) or svd (plain truncation)")
     p.add_argument("--calib", help=f".txt, .jsonl or .parquet calibration text (default: {DEFAULT_CALIBRATION.name})")
@@ -37,6 +55,9 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", choices=list(DTYPES), default="fp16", help="stored weight dtype (default fp16)")
     p.add_argument("--sequential", action="store_true",
                    help="calibrate block i on the already-compressed blocks before it")
+    p.add_argument("--refit", action="store_true",
+                   help="with --sequential: refit each B in closed form (least squares) against the dense "
+                        "model's outputs of that linear, A kept")
     p.add_argument("--rank-multiple", type=int, default=1, nargs="?", const=32,
                    help="round ranks down to a multiple (bare flag: 32, for kernels and quantized formats)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -49,7 +70,10 @@ def run(args) -> int:
                          method=args.method, calib=args.calib, text_field=args.text_field,
                          nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                          batch_size=args.batch_size, dtype=args.dtype, sequential=args.sequential,
-                         rank_multiple=args.rank_multiple, overwrite=args.overwrite)
+                         rank_multiple=args.rank_multiple, overwrite=args.overwrite,
+                         target_bytes=args.target_bytes, max_ppl_increase=args.max_ppl_increase,
+                         allocation=args.allocation, alpha=args.alpha, holdout=args.holdout,
+                         cache=args.cache, plots=args.plots, refit=args.refit)
     summary = compress(cfg)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     return 0

@@ -1,0 +1,286 @@
+"""Issue 3: effective rank, dynamic allocation, the statistics cache and budgets."""
+import json
+import math
+
+import pytest
+import torch
+
+from swiftsvd_export.allocation import (dynamic_ranks, effective_rank, min_max_linear_params, rank_bounds,
+                                        truncation_loss)
+from swiftsvd_export.cli import main
+from swiftsvd_export.compress import CompressConfig, compress, compress_model, file_layout, linear_shapes
+from swiftsvd_export.errors import SwiftSVDError
+from swiftsvd_export.lowrank import LowRankLinear
+from swiftsvd_export.models import load_model
+from swiftsvd_export.ranks import break_even, param_count
+from swiftsvd_export.stats_cache import entry_path
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SWIFTSVD_CACHE", str(tmp_path / "cache"))
+
+
+def _cfg(model, out=None, **kw):
+    base = dict(nsamples=8, seqlen=64, batch_size=4, progress=False, dtype="fp32")
+    base.update(kw)
+    return CompressConfig(model=str(model), output=str(out) if out else None, **base)
+
+
+# --------------------------------------------------------------------------- effective rank
+
+
+def test_effective_rank_of_known_spectra():
+    assert effective_rank(torch.ones(10)) == pytest.approx(10.0)
+    assert effective_rank(torch.tensor([5.0, 0, 0, 0])) == pytest.approx(1.0)
+    q = 0.5
+    lam = torch.tensor([q ** i for i in range(60)], dtype=torch.float64)
+    p = lam / lam.sum()
+    assert effective_rank(lam) == pytest.approx(math.exp(-(p * p.log()).sum().item()))
+    # infinite geometric series with ratio q: H = -log(1-q) - q log(q) / (1-q)
+    assert effective_rank(lam) == pytest.approx(math.exp(-math.log(1 - q) - q * math.log(q) / (1 - q)), rel=1e-9)
+    assert effective_rank(torch.zeros(3)) == 0.0
+
+
+def test_truncation_loss_is_the_tail_sum():
+    lam = torch.tensor([4.0, 3.0, 2.0, 1.0])
+    assert truncation_loss(lam).tolist() == [10.0, 6.0, 3.0, 1.0, 0.0]
+    assert truncation_loss(lam, 2) == 3.0
+
+
+# --------------------------------------------------------------------------- allocation
+
+
+def _toy(n_blocks=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes, spectra = {}, {}
+    for b in range(n_blocks):
+        for lin, (m, n) in (("q", (48, 48)), ("up", (96, 48)), ("down", (48, 96))):
+            name = f"model.layers.{b}.{lin}"
+            shapes[name] = (m, n)
+            decay = 0.5 + torch.rand(1, generator=g).item() * 5
+            spectra[name] = torch.exp(-decay * torch.linspace(0, 1, min(m, n), dtype=torch.float64))
+    return shapes, spectra
+
+
+@pytest.mark.parametrize("multiple", [1, 4])
+@pytest.mark.parametrize("ratio", [0.2, 0.5, 0.8])
+def test_budget_met_exactly_and_ranks_in_bounds(ratio, multiple):
+    shapes, spectra = _toy()
+    dense = sum(m * n for m, n in shapes.values())
+    budget = int((1 - ratio) * dense)
+    ranks = dynamic_ranks(shapes, spectra, [0.1, 0.3, 0.2, 0.5], budget, multiple)
+    used = param_count(shapes, ranks)[1]
+    assert used <= budget
+    max_step = max(multiple * (m + n) for m, n in shapes.values())
+    assert budget - used < max_step  # within one rank-rounding step
+    for name, k in ranks.items():
+        lo, hi = rank_bounds(*shapes[name], multiple)
+        assert lo <= k <= hi <= break_even(*shapes[name]) and k % multiple == 0
+
+
+def test_allocation_monotone_in_importance():
+    shapes, spectra = {}, {}
+    lam = torch.exp(-3 * torch.linspace(0, 1, 48, dtype=torch.float64))
+    for b in range(3):
+        for lin, (m, n) in (("q", (48, 48)), ("up", (96, 48))):
+            shapes[f"model.layers.{b}.{lin}"] = (m, n)
+            spectra[f"model.layers.{b}.{lin}"] = lam.clone()
+    dense = sum(m * n for m, n in shapes.values())
+    importance = [0.1, 0.5, 0.3]
+    for ratio in (0.3, 0.5, 0.7, 0.9):
+        for alpha in (0.5, 1.0, 2.0):
+            r = dynamic_ranks(shapes, spectra, importance, int((1 - ratio) * dense), 1, alpha)
+            for lin in ("q", "up"):
+                k = [r[f"model.layers.{b}.{lin}"] for b in range(3)]
+                assert k[1] >= k[2] >= k[0], (ratio, alpha, lin, k)
+            assert r["model.layers.1.q"] > r["model.layers.0.q"] or ratio == 0.9
+    # alpha = 0: importance ignored, twins get the same ranks
+    r = dynamic_ranks(shapes, spectra, importance, int(0.5 * dense), 1, 0.0)
+    assert len({r[f"model.layers.{b}.q"] for b in range(3)}) == 1
+
+
+def test_impossible_parameter_budget():
+    shapes, spectra = _toy()
+    lo, hi = min_max_linear_params(shapes, 1)
+    with pytest.raises(SwiftSVDError, match="below the minimum"):
+        dynamic_ranks(shapes, spectra, [1, 1, 1, 1], lo - 1)
+    r = dynamic_ranks(shapes, spectra, [1, 1, 1, 1], 10 ** 9)
+    assert param_count(shapes, r)[1] == hi
+
+
+# --------------------------------------------------------------------------- pipeline + cache
+
+
+def _factors(model):
+    return {n: (m.A.weight.detach().clone(), m.B.weight.detach().clone()) for n, m in model.named_modules()
+            if isinstance(m, LowRankLinear)}
+
+
+@pytest.mark.parametrize("method", ["swift", "whiten"])
+def test_cache_hit_is_byte_identical_and_retargets(tiny_model_dir, calib_txt, method):
+    cfg = _cfg(tiny_model_dir, ratio=0.4, calib=str(calib_txt), method=method)
+    m1, tok, folder = load_model(str(tiny_model_dir))
+    r1 = compress_model(m1, tok, cfg, source=folder)
+    assert r1.choice["stats_cache"] == "written"
+    m2, _, _ = load_model(str(tiny_model_dir))
+    r2 = compress_model(m2, tok, cfg, source=folder)
+    assert r2.choice["stats_cache"] == "hit" and "calibration_s" not in r2.timings or r2.timings["calibration_s"] == 0
+    f1, f2 = _factors(m1), _factors(m2)
+    assert f1.keys() == f2.keys() and len(f1) == 14
+    for n in f1:
+        for a, b in zip(f1[n], f2[n]):
+            assert a.dtype == b.dtype and a.numpy().tobytes() == b.numpy().tobytes(), n
+    assert r1.errors == r2.errors
+    # and the same as a run with the cache off
+    m3, _, _ = load_model(str(tiny_model_dir))
+    compress_model(m3, tok, _cfg(tiny_model_dir, ratio=0.4, calib=str(calib_txt), method=method, cache=False),
+                   source=folder)
+    for n, (a, b) in _factors(m3).items():
+        assert torch.equal(a, f1[n][0]) and torch.equal(b, f1[n][1])
+    # re-target: another ratio and allocation from the cache
+    m4, _, _ = load_model(str(tiny_model_dir))
+    r4 = compress_model(m4, tok, _cfg(tiny_model_dir, ratio=0.6, allocation="dynamic", calib=str(calib_txt),
+                                      method=method), source=folder)
+    assert r4.choice["stats_cache"] == "hit"
+    dense = sum(m * n for m, n in r4.shapes.values())
+    assert abs(r4.params()["linear_params_after"] - 0.4 * dense) < max(m + n for m, n in r4.shapes.values())
+
+
+def test_swift_error_equals_discarded_eigenvalues(tiny_model_dir, calib_txt):
+    from swiftsvd_export.factorize import reconstruction_error
+
+    m, tok, folder = load_model(str(tiny_model_dir))
+    dense = {n: m.get_submodule(n).weight.detach().clone() for n in linear_shapes(m, __import__(
+        "swiftsvd_export.architectures", fromlist=["x"]).spec_for(m.config))}
+    res = compress_model(m, tok, _cfg(tiny_model_dir, ratio=0.5, allocation="dynamic", calib=str(calib_txt)),
+                         source=folder)
+    spectra = res.stats.spectra
+    name = "model.layers.1.mlp.gate_proj"
+    k = res.ranks[name]
+    assert res.errors[name][0] == pytest.approx(float(spectra[name].values[k:].clamp_min(0).sum()), rel=1e-9)
+    # and the tail sum is the actual reconstruction error of the built factors, for the whiten curve too
+    lr = m.get_submodule(name)
+    assert res.errors[name][0] > 0 and (lr.B.weight @ lr.A.weight).shape == dense[name].shape
+
+
+def test_stale_and_corrupt_cache_entries_are_recomputed(tiny_model_dir, calib_txt, capsys):
+    cfg = _cfg(tiny_model_dir, ratio=0.4, calib=str(calib_txt))
+    m, tok, folder = load_model(str(tiny_model_dir))
+    compress_model(m, tok, cfg, source=folder)
+    from swiftsvd_export.calibration import build_calibration
+
+    path = entry_path(folder, build_calibration(tok, calib_txt, 8, 64).hash, "swift")
+    assert path.is_file()
+    ref = _factors(m)
+    # corrupt: flip bytes in the tensor data
+    raw = bytearray(path.read_bytes())
+    raw[-100:-90] = bytes(10)
+    path.write_bytes(bytes(raw))
+    m2, _, _ = load_model(str(tiny_model_dir))
+    r2 = compress_model(m2, tok, cfg, source=folder)
+    assert "corrupt (checksum mismatch)" in capsys.readouterr().err and r2.choice["stats_cache"] == "written"
+    assert all(torch.equal(a, ref[n][0]) for n, (a, _) in _factors(m2).items())
+    # truncated
+    path.write_bytes(path.read_bytes()[:1000])
+    m3, _, _ = load_model(str(tiny_model_dir))
+    r3 = compress_model(m3, tok, cfg, source=folder)
+    assert "corrupt" in capsys.readouterr().err and r3.choice["stats_cache"] == "written"
+    # stale: the model's weights changed (mtime) after the entry was written
+    import os
+
+    w = folder / "model.safetensors"
+    st = w.stat()
+    os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+    m4, _, _ = load_model(str(tiny_model_dir))
+    r4 = compress_model(m4, tok, cfg, source=folder)
+    assert "stale (model_fingerprint changed)" in capsys.readouterr().err and r4.choice["stats_cache"] == "written"
+    m5, _, _ = load_model(str(tiny_model_dir))
+    assert compress_model(m5, tok, cfg, source=folder).choice["stats_cache"] == "hit"
+
+
+# --------------------------------------------------------------------------- budgets via the CLI
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def test_target_bytes_fits_and_is_tight(tiny_model_dir, calib_txt, tmp_path, capsys):
+    m, _, _ = load_model(str(tiny_model_dir))
+    shapes = linear_shapes(m, __import__("swiftsvd_export.architectures", fromlist=["x"]).spec_for(m.config))
+    dense_bytes = (tiny_model_dir / "model.safetensors").stat().st_size
+    target = int(dense_bytes * 0.75)
+    for alloc in ("uniform", "dynamic"):
+        out = tmp_path / f"tb-{alloc}"
+        code, so, se = _run(capsys, "compress", str(tiny_model_dir), str(out), "--target-bytes", str(target),
+                            "--calib", str(calib_txt), "--nsamples", "8", "--seqlen", "64", "--dtype", "fp32",
+                            "--allocation", alloc, "--json")
+        assert code == 0, se
+        assert "--target-bytes" in se and "leaving" in se
+        size = (out / "model.safetensors").stat().st_size
+        assert size <= target
+        # tight: within one rank step (of the largest matrix) plus the header slack
+        step = max(m + n for m, n in shapes.values()) * 4
+        assert target - size < step + file_layout(m, shapes, "fp32")["header_bound"], (target, size)
+
+
+def test_impossible_byte_budgets_and_negative_ppl(tiny_model_dir, calib_txt, tmp_path, capsys):
+    out = tmp_path / "o"
+    code, _, se = _run(capsys, "compress", str(tiny_model_dir), str(out), "--target-bytes", "1000",
+                       "--calib", str(calib_txt), "--nsamples", "8", "--seqlen", "64")
+    assert code == 2 and "cannot be met" in se and "embeddings alone" in se and "achievable sizes are" in se
+    assert not out.exists()
+    code, _, se = _run(capsys, "compress", str(tiny_model_dir), str(out), "--target-bytes", str(10 ** 12),
+                       "--calib", str(calib_txt), "--nsamples", "8", "--seqlen", "64")
+    assert code == 2 and "nothing needs compressing" in se and "achievable sizes are" in se
+    code, _, se = _run(capsys, "compress", str(tiny_model_dir), str(out), "--max-ppl-increase", "-1")
+    assert code == 2 and ">= 0" in se
+    code, _, se = _run(capsys, "compress", str(tiny_model_dir), str(out), "--ratio", "0.3", "--target-bytes", "9")
+    assert code == 2 and "exactly one of" in se
+    assert not out.exists()
+
+
+def test_max_ppl_increase_search_and_plots(tiny_model_dir, calib_txt, tmp_path, capsys):
+    out = tmp_path / "p"
+    code, so, se = _run(capsys, "compress", str(tiny_model_dir), str(out), "--max-ppl-increase", "20",
+                        "--calib", str(calib_txt), "--nsamples", "8", "--seqlen", "64", "--holdout", "4",
+                        "--allocation", "dynamic", "--plots", "--json", "--dtype", "fp32")
+    assert code == 0, se
+    assert "--max-ppl-increase 20.0%" in se and "chose ratio" in se
+    man = json.loads((out / "manifest.json").read_text())
+    ch = man["choice"]
+    assert ch["chosen_heldout_ppl"] <= ch["limit_ppl"] * (1 + 1e-9)
+    assert all(t["ppl"] > ch["limit_ppl"] for t in man["ppl_search_trace"] if t["ratio"] > ch["chosen_ratio"])
+    assert (out / "ranks.png").stat().st_size > 1000 and (out / "ppl_vs_ratio.png").stat().st_size > 1000
+    assert "effective_rank" in man["linears"]["model.layers.0.mlp.up_proj"]
+
+
+def test_no_cache_flag_writes_nothing(tiny_model_dir, calib_txt, tmp_path, capsys):
+    out = tmp_path / "n"
+    code, _, se = _run(capsys, "compress", str(tiny_model_dir), str(out), "--ratio", "0.4", "--no-cache",
+                       "--calib", str(calib_txt), "--nsamples", "8", "--seqlen", "64")
+    assert code == 0, se
+    assert not (tmp_path / "cache" / "stats").exists()
+
+
+def test_refit_lowers_the_error_against_dense_outputs(tiny_model_dir, calib_txt):
+    from swiftsvd_export.compress import heldout_ppl
+
+    outs = {}
+    for refit in (False, True):
+        m, tok, folder = load_model(str(tiny_model_dir))
+        compress_model(m, tok, _cfg(tiny_model_dir, ratio=0.6, calib=str(calib_txt), sequential=True, refit=refit),
+                       source=folder)
+        outs[refit] = m
+    a = outs[False].model.layers[1].mlp.down_proj.B.weight
+    b = outs[True].model.layers[1].mlp.down_proj.B.weight
+    assert not torch.allclose(a, b)
+    # block 0 sees dense inputs: the refit must reproduce the Swift-SVD optimum there
+    a0 = outs[False].model.layers[0].mlp.down_proj.B.weight
+    b0 = outs[True].model.layers[0].mlp.down_proj.B.weight
+    assert torch.allclose(a0, b0, atol=1e-4)
+    with pytest.raises(SwiftSVDError, match="--refit needs --sequential"):
+        _cfg(tiny_model_dir, ratio=0.6, refit=True).validate()
