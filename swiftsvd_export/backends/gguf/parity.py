@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ...torch_reference import torch_greedy, torch_logits  # noqa: F401 (re-exported)
 
 WIKI_TEST = Path(os.environ.get("SWIFTSVD_WIKITEXT_TEST") or Path(__file__).resolve().parents[4] / "shared"
                  / "data" / "wikitext2" / "wikitext-2-raw-v1.test.nnjoin.txt")
@@ -28,9 +29,6 @@ PROMPTS = [
 ]
 
 
-def torch_logits(model, ids: list[int]) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].float().numpy()
 
 
 def compare_logits(a: np.ndarray, b: np.ndarray) -> dict:
@@ -40,19 +38,6 @@ def compare_logits(a: np.ndarray, b: np.ndarray) -> dict:
             "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).mean())}
 
 
-def torch_greedy(model, ids: list[int], n_new: int, eos: int | None = None) -> list[int]:
-    out: list[int] = []
-    with torch.no_grad():
-        res = model(torch.tensor([ids]), use_cache=True)
-        past = res.past_key_values
-        for _ in range(n_new):
-            nxt = int(res.logits[0, -1].argmax())
-            out.append(nxt)
-            if eos is not None and nxt == eos:
-                break
-            res = model(torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
-            past = res.past_key_values
-    return out
 
 
 def nll_from_logits(logits: np.ndarray, ids: list[int]) -> tuple[float, int]:

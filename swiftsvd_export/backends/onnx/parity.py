@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .runtime import OrtDecoder
+from ...torch_reference import torch_greedy, torch_logits  # noqa: F401 (re-exported)
 
 FP32_MAX_ABS_LOGIT = 1e-3
 DEFAULT_PROMPTS = (
@@ -27,29 +28,8 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def torch_logits(model, ids: list[int]) -> np.ndarray:
-    import torch
-
-    with torch.no_grad():
-        return model(torch.tensor([ids]), use_cache=False).logits[0].float().numpy()
 
 
-def torch_greedy(model, ids: list[int], n: int) -> list[int]:
-    """Greedy decode with the torch KV cache, no EOS stop."""
-    import torch
-
-    out: list[int] = []
-    with torch.no_grad():
-        r = model(torch.tensor([ids]), use_cache=True)
-        past = r.past_key_values
-        for i in range(n):
-            tok = int(r.logits[0, -1].argmax())
-            out.append(tok)
-            if i == n - 1:
-                break
-            r = model(torch.tensor([[tok]]), past_key_values=past, use_cache=True)
-            past = r.past_key_values
-    return out
 
 
 def compare_logits(ref: np.ndarray, got: np.ndarray) -> dict:
