@@ -21,6 +21,7 @@ class CalibrationSet:
     source: str
     seed: int
     tokens_available: int
+    holdout: torch.Tensor | None = None  # further windows of the same stream, not in ``ids``
 
     @property
     def hash(self) -> str:
@@ -71,11 +72,12 @@ def read_texts(path: str | Path, text_field: str = "text") -> list[str]:
 
 
 def build_calibration(tokenizer, path: str | Path, nsamples: int, seqlen: int, seed: int = 0,
-                      text_field: str = "text") -> CalibrationSet:
+                      text_field: str = "text", holdout: int = 0) -> CalibrationSet:
     """Tokenize the texts as one stream and draw ``nsamples`` distinct, non-overlapping windows.
 
     Windows are chosen with a seeded generator from the stream cut into ``seqlen`` pieces, so
-    the same file, tokenizer and seed give the same token ids (and hash).
+    the same file, tokenizer and seed give the same token ids (and hash). ``holdout`` > 0 also
+    takes up to that many further windows, next in the same permutation, as a held-out slice.
     """
     if nsamples < 1 or seqlen < 2:
         raise SwiftSVDError(f"need nsamples >= 1 and seqlen >= 2 (got {nsamples}, {seqlen})")
@@ -88,5 +90,12 @@ def build_calibration(tokenizer, path: str | Path, nsamples: int, seqlen: int, s
         raise SwiftSVDError(f"calibration file {path} has {total} tokens, fewer than "
                             f"nsamples x seqlen = {nsamples} x {seqlen} = {nsamples * seqlen}")
     pieces = torch.tensor(stream[: (total // seqlen) * seqlen], dtype=torch.long).view(-1, seqlen)
-    order = torch.randperm(len(pieces), generator=torch.Generator().manual_seed(seed))[:nsamples]
-    return CalibrationSet(pieces[order.sort().values].clone(), str(path), seed, total)
+    order = torch.randperm(len(pieces), generator=torch.Generator().manual_seed(seed))
+    held = None
+    if holdout > 0:
+        rest = order[nsamples:nsamples + holdout]
+        if len(rest) == 0:
+            raise SwiftSVDError(f"the calibration text has no windows left for a held-out slice "
+                                f"({len(pieces)} windows of {seqlen}, {nsamples} used); lower --nsamples")
+        held = pieces[rest.sort().values].clone()
+    return CalibrationSet(pieces[order[:nsamples].sort().values].clone(), str(path), seed, total, held)

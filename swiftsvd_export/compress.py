@@ -27,7 +27,7 @@ from . import __version__
 from .architectures import spec_for
 from .atomic import atomic_dir, check_output
 from .allocation import allocation_summary, dynamic_ranks, min_max_linear_params, uniform_ranks_for_budget
-from .calibration import DEFAULT_CALIBRATION, CalibrationSet, build_calibration, read_texts
+from .calibration import DEFAULT_CALIBRATION, CalibrationSet, build_calibration
 from .covariance import BlockStats, calibrate
 from .errors import SwiftSVDError
 from .factorize import METHODS
@@ -132,26 +132,6 @@ def linear_shapes(model: torch.nn.Module, spec) -> dict[str, tuple[int, int]]:
 
 
 # ----------------------------------------------------------------------------- calibration data
-
-
-def calibration_with_holdout(tokenizer, cfg: CompressConfig, holdout: int) -> tuple[CalibrationSet, torch.Tensor | None]:
-    """The calibration set (identical to ``build_calibration``'s) and up to ``holdout`` further
-    windows of the same stream that it does not contain, drawn by the same seeded permutation."""
-    calib = build_calibration(tokenizer, cfg.calib or DEFAULT_CALIBRATION, cfg.nsamples, cfg.seqlen,
-                              cfg.seed, cfg.text_field)
-    if holdout <= 0:
-        return calib, None
-    texts = read_texts(cfg.calib or DEFAULT_CALIBRATION, cfg.text_field)
-    stream: list[int] = []
-    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-        stream.extend(ids)
-    pieces = torch.tensor(stream[: (len(stream) // cfg.seqlen) * cfg.seqlen], dtype=torch.long).view(-1, cfg.seqlen)
-    order = torch.randperm(len(pieces), generator=torch.Generator().manual_seed(cfg.seed))
-    rest = order[cfg.nsamples:cfg.nsamples + holdout]
-    if len(rest) == 0:
-        raise SwiftSVDError(f"the calibration text has no windows left for a held-out slice "
-                            f"({len(pieces)} windows of {cfg.seqlen}, {cfg.nsamples} used); lower --nsamples")
-    return calib, pieces[rest.sort().values].clone()
 
 
 @torch.no_grad()
@@ -397,7 +377,9 @@ def compress_model(model, tokenizer, cfg: CompressConfig, ranks: dict[str, int] 
     choice: dict = {"allocation": cfg.allocation}
     t_start = time.perf_counter()
     need_holdout = cfg.max_ppl_increase is not None or cfg.plots
-    calib, holdout = calibration_with_holdout(tokenizer, cfg, cfg.holdout if need_holdout else 0)
+    calib = build_calibration(tokenizer, cfg.calib or DEFAULT_CALIBRATION, cfg.nsamples, cfg.seqlen, cfg.seed,
+                              cfg.text_field, holdout=cfg.holdout if need_holdout else 0)
+    holdout = calib.holdout
     timers["tokenize_s"] = time.perf_counter() - t_start
     if ranks is None and cfg.target_bytes is not None:
         budget, info = target_bytes_budget(model, shapes, cfg)  # fails fast, before calibrating
