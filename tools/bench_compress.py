@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -24,13 +23,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from swiftsvd_export.memory import peak_rss_mib  # noqa: E402
 SHARED = ROOT.parent / "shared" / "data" / "wikitext2"
 TRAIN = SHARED / "wikitext-2-raw-v1.train.prefix1MB.txt"
 TEST = SHARED / "wikitext-2-raw-v1.test.nnjoin.txt"
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def child_joint(ratio: float, outdir: str, nsamples: int, seqlen: int, repeats: int) -> dict:
@@ -114,7 +114,7 @@ def child_compress_cli(out: str, nsamples: int, seqlen: int) -> dict:
     t = time.perf_counter()
     code = cli_main(["compress", "smollm2-135m", out, "--ratio", "0.4", "--calib", str(TRAIN),
                      "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--json", "--no-cache"])
-    return {"exit": code, "wall_s": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb()}
+    return {"exit": code, "wall_s": time.perf_counter() - t, "peak_rss_mb": peak_rss_mib()}
 
 
 def child_forward(nsamples: int, seqlen: int, repeats: int = 1) -> dict:

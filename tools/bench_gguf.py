@@ -8,7 +8,7 @@
 ``LABEL=svd:R`` makes a plain truncated-SVD model at ratio R (k = floor((1-R)·m·n/(m+n)) rounded
 down to a multiple of 32) when no compressed folder is at hand.
 
-Each measurement runs in a child process (peak RSS is the child's ru_maxrss). Prefill tokens/s on
+Each measurement runs in a child process (peak RSS is the child's VmHWM). Prefill tokens/s on
 128 tokens and decode tokens/s at context 128 and 1024 come from llama.cpp's own timings
 (llama_perf_context). The table also gives the bytes each decoded token reads (all weight tensors;
 the tied embedding counts once, as the output head) and the speedup those bytes predict.
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -26,6 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from swiftsvd_export.memory import peak_rss_mib  # noqa: E402
 
 
 def child(gguf: str, threads: int, n_decode: int, prefill: int, contexts: list[int]) -> dict:
@@ -58,19 +59,10 @@ def child(gguf: str, threads: int, n_decode: int, prefill: int, contexts: list[i
             runtime.sync(llm)
         p = runtime.perf(llm)
         out[f"decode_tok_s@{ctx}"] = p["n_eval"] / (p["t_eval_ms"] / 1e3)
-    out["peak_rss_mib"] = _peak_rss_mib()
+    out["peak_rss_mib"] = peak_rss_mib()
     return out
 
 
-def _peak_rss_mib() -> float:
-    """VmHWM of this process (ru_maxrss would carry the parent's peak across fork+exec)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def tensor_bytes(gguf_path: Path) -> int:

@@ -20,13 +20,14 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from swiftsvd_export.memory import peak_rss_mib  # noqa: E402
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -82,20 +83,10 @@ def child(folder: str, threads: int, prefill: int, contexts: list[int], steps: i
                 _, c = dec.step(tok, c, ctx + i)
             times.append(time.perf_counter() - t)
         out[f"decode_tok_s@{ctx}"] = steps / min(times)
-    out["peak_rss_mb"] = peak_rss_mb()
+    out["peak_rss_mb"] = peak_rss_mib()
     return out
 
 
-def peak_rss_mb() -> float:
-    """This process's peak RSS. VmHWM belongs to the exec'd image; ru_maxrss would carry the
-    parent's high-water mark across fork+exec on Linux."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _timed(fn) -> float:

@@ -1,0 +1,17 @@
+"""Process memory figures for benchmarks and validation."""
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+
+
+def peak_rss_mib() -> float:
+    """This process's peak RSS in MiB. VmHWM belongs to the exec'd image; ru_maxrss (the
+    fallback off Linux) would carry the parent's high-water mark across fork+exec."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
