@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,12 +31,12 @@ from .allocation import allocation_summary, dynamic_ranks, min_max_linear_params
 from .calibration import DEFAULT_CALIBRATION, CalibrationSet, build_calibration
 from .covariance import BlockStats, calibrate
 from .errors import SwiftSVDError
-from .factorize import METHODS
+from .factorize import METHODS, PRECISIONS
 from .lowrank import DTYPES, LowRankLinear, replace_module, save_lowrank
+from .memory import release_free_heap
 from .models import load_model
 from .ranks import check_ratio, param_count, read_ranks_file, uniform_ranks
-from .stats_cache import (LinearSpectrum, ModelStats, decompose_group, entry_path, expected_meta, load_stats,
-                          save_stats)
+from .stats_cache import LinearSpectrum, ModelStats, SpectrumStore, decompose_group, entry_path, expected_meta
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class CompressConfig:
     ratio: float | None = None
     ranks_file: str | None = None
     method: str = "swift"
+    precision: str = "fp32"  # working precision of the decompositions (fp32 or fp64)
     calib: str | None = None
     text_field: str = "text"
     nsamples: int = 64
@@ -83,6 +85,8 @@ class CompressConfig:
                                 "(a perplexity can only rise when compressing)")
         if self.method not in METHODS:
             raise SwiftSVDError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.precision not in PRECISIONS:
+            raise SwiftSVDError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if self.dtype not in DTYPES:
             raise SwiftSVDError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         if self.rank_multiple < 1:
@@ -154,14 +158,15 @@ def heldout_ppl(model, ids: torch.Tensor, batch_size: int = 4) -> float:
 def gather_stats(model, spec, calib: CalibrationSet, cfg: CompressConfig, source=None,
                  timers: dict | None = None) -> ModelStats:
     """Decompositions of every compressible linear: from the cache when valid, else one
-    (non-sequential) calibration pass, written back to the cache when ``cfg.cache``."""
+    (non-sequential) calibration pass. The bases go to disk block by block (the cache entry
+    when ``cfg.cache``, else a temporary folder: ``ModelStats.close`` removes it)."""
     timers = timers if timers is not None else {}
     path = meta = None
     if cfg.cache and source is not None:
-        meta = expected_meta(source, calib.describe(), cfg.method)
-        path = entry_path(source, calib.hash, cfg.method)
+        meta = expected_meta(source, calib.describe(), cfg.method, cfg.precision)
+        path = entry_path(source, calib.hash, cfg.method, cfg.precision)
         t = time.perf_counter()
-        stats, why = load_stats(path, meta)
+        stats, why = SpectrumStore.open(path, meta)
         timers["cache_load_s"] = time.perf_counter() - t
         if stats is not None and set(stats.spectra) == set(linear_shapes(model, spec)):
             log.info("statistics cache hit: %s", path)
@@ -173,26 +178,35 @@ def gather_stats(model, spec, calib: CalibrationSet, cfg: CompressConfig, source
             msg = f"statistics cache entry {path} is {why}; recomputing it"
             log.warning(msg)
             print(f"warning: {msg}", file=sys.stderr)
+    store = SpectrumStore.create(path)
     spectra: dict[str, LinearSpectrum] = {}
     timers.setdefault("factorize_s", 0.0)
 
     def on_block(layer, stats: BlockStats) -> None:
         prefix = f"{spec.layers_path}.{stats.index}."
         t = time.perf_counter()
+        block = {}
         for group in spec.groups:
             weights = {prefix + lin: layer.get_submodule(lin).weight for lin in group.linears}
-            spectra.update(decompose_group(weights, stats.grams[group.name], cfg.method))
+            block.update(decompose_group(weights, stats.grams[group.name], cfg.method, cfg.precision))
         stats.grams.clear()
+        spectra.update(store.add(stats.index, block))
+        del block
+        release_free_heap()
         timers["factorize_s"] += time.perf_counter() - t
 
     t0 = time.perf_counter()
-    blocks = calibrate(model, spec, calib.ids, cfg.batch_size, on_block=on_block, sequential=False,
-                       progress=cfg.progress)
+    try:
+        blocks = calibrate(model, spec, calib.ids, cfg.batch_size, on_block=on_block, sequential=False,
+                           progress=cfg.progress)
+    except BaseException:
+        shutil.rmtree(store.root, ignore_errors=True)
+        raise
     timers["calibration_s"] = time.perf_counter() - t0 - timers["factorize_s"]
-    stats = ModelStats(spectra, [b.importance for b in blocks])
+    stats = ModelStats(spectra, [b.importance for b in blocks], store=store)
     if path is not None:
         t = time.perf_counter()
-        size = save_stats(path, stats, meta)
+        size = store.commit(path, meta, stats.importance)
         timers["cache_write_s"] = time.perf_counter() - t
         stats.meta = dict(meta, path=str(path), bytes=size)
         log.info("statistics cached at %s (%.1f MB)", path, size / 1e6)
@@ -388,66 +402,70 @@ def compress_model(model, tokenizer, cfg: CompressConfig, ranks: dict[str, int] 
     need_stats = (not cfg.sequential) or cfg.allocation == "dynamic" or cfg.max_ppl_increase is not None \
         or cfg.plots
     stats = gather_stats(model, spec, calib, cfg, source, timers) if need_stats else None
-    if ranks is None:
-        if cfg.ratio is not None:
-            ranks = ranks_for_ratio(shapes, cfg.ratio, cfg, stats)
-            if cfg.allocation == "dynamic":
-                choice["linear_budget"] = ratio_budget(shapes, cfg.ratio)
-        elif cfg.ranks_file is not None:
-            ranks = read_ranks_file(cfg.ranks_file, shapes)
-        elif cfg.target_bytes is not None:
-            ranks = choose_ranks(shapes, choice["linear_budget"], cfg, stats)
-            after = param_count(shapes, ranks)[1]
-            layout = file_layout(model, shapes, cfg.dtype)
-            dense = sum(m * n for m, n in shapes.values())
-            say(f"--target-bytes {cfg.target_bytes:,}: at {cfg.dtype} ({layout['itemsize']} B/param) the "
-                f"non-factorizable tensors take {layout['base_params'] * layout['itemsize']:,} bytes and the header "
-                f"at most {layout['header_bound']:,}, leaving {choice['linear_budget']:,} parameters for the linears; "
-                f"{cfg.allocation} allocation uses {after:,} (ratio {1 - after / dense:.4f}), "
-                f"predicted file <= {bytes_for(layout, after):,} bytes")
+    try:
+        if ranks is None:
+            if cfg.ratio is not None:
+                ranks = ranks_for_ratio(shapes, cfg.ratio, cfg, stats)
+                if cfg.allocation == "dynamic":
+                    choice["linear_budget"] = ratio_budget(shapes, cfg.ratio)
+            elif cfg.ranks_file is not None:
+                ranks = read_ranks_file(cfg.ranks_file, shapes)
+            elif cfg.target_bytes is not None:
+                ranks = choose_ranks(shapes, choice["linear_budget"], cfg, stats)
+                after = param_count(shapes, ranks)[1]
+                layout = file_layout(model, shapes, cfg.dtype)
+                dense = sum(m * n for m, n in shapes.values())
+                say(f"--target-bytes {cfg.target_bytes:,}: at {cfg.dtype} ({layout['itemsize']} B/param) the "
+                    f"non-factorizable tensors take {layout['base_params'] * layout['itemsize']:,} bytes and the header "
+                    f"at most {layout['header_bound']:,}, leaving {choice['linear_budget']:,} parameters for the linears; "
+                    f"{cfg.allocation} allocation uses {after:,} (ratio {1 - after / dense:.4f}), "
+                    f"predicted file <= {bytes_for(layout, after):,} bytes")
+            else:
+                ranks, info = search_ppl(model, shapes, stats, holdout, cfg, say)
+                choice.update(max_ppl_increase=cfg.max_ppl_increase, **info)
+        if cfg.plots and stats is not None:
+            choice["ppl_curve"] = ppl_curve(model, shapes, stats, holdout, cfg)
+        errors: dict[str, tuple[float, float]] = {}
+        jitter: dict[str, float] = {}
+        t = time.perf_counter()
+        if not cfg.sequential:
+            apply_factors(model, stats, ranks, errors if compute_errors else None)
+            timers["build_s"] = time.perf_counter() - t
         else:
-            ranks, info = search_ppl(model, shapes, stats, holdout, cfg, say)
-            choice.update(max_ppl_increase=cfg.max_ppl_increase, **info)
-    if cfg.plots and stats is not None:
-        choice["ppl_curve"] = ppl_curve(model, shapes, stats, holdout, cfg)
-    errors: dict[str, tuple[float, float]] = {}
-    jitter: dict[str, float] = {}
-    t = time.perf_counter()
-    if not cfg.sequential:
-        apply_factors(model, stats, ranks, errors if compute_errors else None)
-        timers["build_s"] = time.perf_counter() - t
-    else:
-        seq_factorize = 0.0
+            seq_factorize = 0.0
 
-        def on_block(layer, bstats: BlockStats) -> None:
-            nonlocal seq_factorize
-            prefix = f"{spec.layers_path}.{bstats.index}."
-            t1 = time.perf_counter()
-            for group in spec.groups:
-                weights = {prefix + lin: layer.get_submodule(lin).weight for lin in group.linears
-                           if prefix + lin in ranks}
-                if not weights:
-                    continue
-                spectra = decompose_group(weights, bstats.grams[group.name], cfg.method)
-                for name, k in ((n, ranks[n]) for n in weights):
-                    lin = name[len(prefix):]
-                    old = layer.get_submodule(lin)
-                    A, B = spectra[name].factors(old.weight.detach(), k)
-                    if cfg.refit:
-                        B = refit_b(A, old.weight.detach(), bstats.grams[group.name],
-                                    bstats.extra["cross"][group.name])
-                    if compute_errors:
-                        errors[name] = spectra[name].error(k)
-                    replace_module(layer, lin, LowRankLinear.from_factors(A.float(), B.float(), old.bias,
-                                                                          dtype=old.weight.dtype))
-            seq_factorize += time.perf_counter() - t1
+            def on_block(layer, bstats: BlockStats) -> None:
+                nonlocal seq_factorize
+                prefix = f"{spec.layers_path}.{bstats.index}."
+                t1 = time.perf_counter()
+                for group in spec.groups:
+                    weights = {prefix + lin: layer.get_submodule(lin).weight for lin in group.linears
+                               if prefix + lin in ranks}
+                    if not weights:
+                        continue
+                    spectra = decompose_group(weights, bstats.grams[group.name], cfg.method, cfg.precision)
+                    for name, k in ((n, ranks[n]) for n in weights):
+                        lin = name[len(prefix):]
+                        old = layer.get_submodule(lin)
+                        A, B = spectra[name].factors(old.weight.detach(), k)
+                        if cfg.refit:
+                            B = refit_b(A, old.weight.detach(), bstats.grams[group.name],
+                                        bstats.extra["cross"][group.name])
+                        if compute_errors:
+                            errors[name] = spectra[name].error(k)
+                        replace_module(layer, lin, LowRankLinear.from_factors(A.float(), B.float(), old.bias,
+                                                                              dtype=old.weight.dtype))
+                seq_factorize += time.perf_counter() - t1
 
-        blocks = calibrate(model, spec, calib.ids, cfg.batch_size, on_block=on_block, sequential=True,
-                           progress=cfg.progress, cross=cfg.refit)
-        timers["sequential_s"] = time.perf_counter() - t
-        timers["factorize_s"] += seq_factorize
-        if stats is None:
-            stats = ModelStats({}, [b.importance for b in blocks])
+            blocks = calibrate(model, spec, calib.ids, cfg.batch_size, on_block=on_block, sequential=True,
+                               progress=cfg.progress, cross=cfg.refit)
+            timers["sequential_s"] = time.perf_counter() - t
+            timers["factorize_s"] += seq_factorize
+            if stats is None:
+                stats = ModelStats({}, [b.importance for b in blocks])
+    finally:
+        if stats is not None:
+            stats.close()  # a temporary bases folder (cache off) goes now
     timers["total_s"] = time.perf_counter() - t_start
     timers.setdefault("calibration_s", 0.0)
     if stats is not None and stats.from_cache:

@@ -4,13 +4,18 @@
 the output covariance C = W·G·Wᵀ, do ONE symmetric eigendecomposition, keep the top-k
 eigenvectors U_k, and set B = U_k, A = U_kᵀ·W. The error is exactly the sum of the discarded
 eigenvalues. When W is taller than wide (out > in), C has rank ≤ in, and we decompose the
-smaller matrix with the same nonzero spectrum instead: W = Q·R (thin QR, Q orthonormal),
-C = Q·(R·G·Rᵀ)·Qᵀ, so the eigenvectors of C are Q times those of R·G·Rᵀ. Still one eigh,
-no inverse, no Cholesky, fine with a singular G.
+smaller matrix with the same nonzero spectrum instead: W = Q·R (Householder QR, Q never
+formed), C = Q·(R·G·Rᵀ)·Qᵀ, so U_k is Q applied to the top eigenvectors of R·G·Rᵀ. Still one
+eigh, no inverse, no Cholesky, fine with a singular G.
 
 ``whiten`` is SVD-LLM: Cholesky G = S·Sᵀ (with its eigenvalue-shift jitter when G is not
 positive definite), SVD of W·S, factors through S⁻¹. It reaches the same optimum when G is
-well conditioned. ``svd`` is plain truncation of W, blind to the activations.
+well conditioned. As in SVD-LLM, the Cholesky and the inverse are always done in float64 (an
+inverse amplifies round-off); the SVD runs at the working precision. ``svd`` is plain
+truncation of W, blind to the activations.
+
+Working precision: float32 by default in the pipeline. swift's eigh needs no inverse, and its
+float32 error matches float64 to ~1e-5 relative on SmolLM2 (tools/bench_compress.py reports both).
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 METHODS = ("swift", "whiten", "svd")
+PRECISIONS = {"fp32": torch.float32, "fp64": torch.float64}
 
 
 @dataclass
@@ -37,15 +43,32 @@ def output_covariance(W: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     return W @ G @ W.T
 
 
-def swift_factorize(W: torch.Tensor, G: torch.Tensor, k: int) -> Factors:
+def swift_basis(W: torch.Tensor, G: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eigenvalues of C = W·G·Wᵀ in descending order, its top-k eigenvectors U_k (out x k)).
+
+    For out > in only the min(out, in) possibly nonzero eigenvalues are returned."""
     out_f, in_f = W.shape
     if out_f <= in_f:
-        _, U = torch.linalg.eigh(output_covariance(W, G))
-        Uk = U[:, -k:].flip(-1)
-    else:
-        Q, R = torch.linalg.qr(W)  # W = Q R, Q: out x in with orthonormal columns
-        _, V = torch.linalg.eigh(R @ G @ R.T)
-        Uk = Q @ V[:, -k:].flip(-1)
+        lam, U = torch.linalg.eigh(output_covariance(W, G))
+        return lam.flip(0), U.flip(-1)[:, :k].contiguous()
+    a, tau = torch.geqrf(W)  # W = Q·R in Householder form
+    R = a[:in_f].triu()
+    lam, V = torch.linalg.eigh(R @ G @ R.T)
+    top = W.new_zeros(out_f, k)
+    top[:in_f] = V.flip(-1)[:, :k]
+    return lam.flip(0), torch.ormqr(a, tau, top)  # Q·[V_k; 0] = U_k
+
+
+def output_spectrum(W: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """The eigenvalues of C = W·G·Wᵀ alone (descending), for the baselines' rank allocation."""
+    if W.shape[0] <= W.shape[1]:
+        return torch.linalg.eigvalsh(output_covariance(W, G)).flip(0)
+    R = torch.linalg.qr(W, mode="r")[1]
+    return torch.linalg.eigvalsh(R @ G @ R.T).flip(0)
+
+
+def swift_factorize(W: torch.Tensor, G: torch.Tensor, k: int) -> Factors:
+    _, Uk = swift_basis(W, G, k)
     return Factors(A=Uk.T @ W, B=Uk)
 
 
@@ -63,25 +86,38 @@ def _cholesky_with_jitter(G: torch.Tensor) -> tuple[torch.Tensor, float]:
 
 
 class Whitening:
-    """S and S⁻¹ for one input covariance, shared by every linear that reads that input."""
+    """S and S⁻¹ (float64) for one input covariance, shared by every linear that reads that input."""
 
     def __init__(self, G: torch.Tensor):
+        G = G.to(torch.float64)
         self.S, self.jitter = _cholesky_with_jitter(G)
         eye = torch.eye(G.shape[0], dtype=G.dtype)
         self.S_inv = torch.linalg.solve_triangular(self.S, eye, upper=False)
 
 
+def whiten_basis(W: torch.Tensor, wh: Whitening, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) of SVD-LLM at rank k, at W's precision."""
+    U, s, Vh = torch.linalg.svd(W @ wh.S.to(W.dtype), full_matrices=False)
+    root = s[:k].sqrt()
+    return (U[:, :k] * root).contiguous(), ((root[:, None] * Vh[:k]) @ wh.S_inv.to(W.dtype)).contiguous()
+
+
+def svd_basis(W: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) of plain truncated SVD at rank k."""
+    U, s, Vh = torch.linalg.svd(W, full_matrices=False)
+    root = s[:k].sqrt()
+    return (U[:, :k] * root).contiguous(), (root[:, None] * Vh[:k]).contiguous()
+
+
 def whiten_factorize(W: torch.Tensor, G: torch.Tensor, k: int, whitening: Whitening | None = None) -> Factors:
     wh = whitening or Whitening(G)
-    U, s, Vh = torch.linalg.svd(W @ wh.S, full_matrices=False)
-    root = s[:k].sqrt()
-    return Factors(A=(root[:, None] * Vh[:k]) @ wh.S_inv, B=U[:, :k] * root, jitter=wh.jitter)
+    B, A = whiten_basis(W, wh, k)
+    return Factors(A=A, B=B, jitter=wh.jitter)
 
 
 def svd_factorize(W: torch.Tensor, k: int) -> Factors:
-    U, s, Vh = torch.linalg.svd(W, full_matrices=False)
-    root = s[:k].sqrt()
-    return Factors(A=root[:, None] * Vh[:k], B=U[:, :k] * root)
+    B, A = svd_basis(W, k)
+    return Factors(A=A, B=B)
 
 
 def factorize_group(weights: dict[str, torch.Tensor], G: torch.Tensor, ranks: dict[str, int],
@@ -89,8 +125,8 @@ def factorize_group(weights: dict[str, torch.Tensor], G: torch.Tensor, ranks: di
     """Factorize the linears that share input covariance ``G`` (only those present in ``ranks``)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    G = G.to(dtype)
     whitening = Whitening(G) if method == "whiten" and ranks else None
+    G = G.to(dtype)
     out = {}
     for name, k in ranks.items():
         W = weights[name].to(dtype)

@@ -1,21 +1,29 @@
-"""Per-linear decompositions (what re-targeting needs) and their on-disk cache.
+"""Per-linear decompositions (what re-targeting needs), spilled to disk block by block, and their cache.
 
 After the calibration pass, every compressible linear W (out x in) gets a
 :class:`LinearSpectrum`: the descending eigenvalues of its output covariance C = W·G·Wᵀ
 (for allocation), the factor bases truncated at the break-even rank K (no rank above K is
 ever used), and the error curve ``curve[k] = ‖X(W − B_k A_k)ᵀ‖²`` for k = 0..K. Factors at
 any rank k ≤ K are then slices: ``B = left[:, :k]`` and ``A = right[:k]`` (for ``swift``,
-``right`` is not stored: ``A = left[:, :k]ᵀ·W``, one GEMM). A fresh run and a cache hit both
-build factors from these same float64 tensors, so a cache hit is byte-identical.
+``right`` is not stored: ``A = left[:, :k]ᵀ·W``, one GEMM).
 
-Cache layout: ``cache_root()/stats/<model-key>/<calib-sha256[:16]>-<method>.safetensors``
-(``cache_root()`` is ``$SWIFTSVD_CACHE`` or ``~/.cache/swiftsvd-export``). ``model-key``
-hashes the resolved model folder path; the entry's metadata records the model fingerprint
-(config.json bytes + size and mtime of each weight file), the calibration hash and shape,
-the method, the tool's cache format version, and a SHA-256 of all tensor bytes. An entry
-whose metadata does not match (stale) or whose bytes fail the checksum or cannot be parsed
-(corrupt) is reported with a warning, ignored and recomputed (then overwritten). For
-SmolLM2-135M (30 blocks, 210 linears, float64) an entry is about 0.47 GB.
+The bases are the bulk (about half the size of the linears they describe), so they never
+stay in RAM: each block's bases go to one safetensors file as soon as the block is
+decomposed (:class:`SpectrumStore`), and only eigenvalues and error curves stay in memory;
+the factors at the chosen ranks are read back one linear at a time. With the cache on, that
+folder becomes the cache entry; with it off, it is a temporary folder under
+``cache_root()/tmp`` removed at the end. A fresh run and a cache hit both build factors from
+the same stored float32 bases, so a cache hit is byte-identical.
+
+Cache layout: ``cache_root()/stats/<model-key>/<calib-sha256[:16]>-<method>-<precision>/``
+with ``block-NNNN.safetensors`` files and ``meta.json`` (written last, then the folder is
+renamed into place). ``cache_root()`` is ``$SWIFTSVD_CACHE`` or ``~/.cache/swiftsvd-export``;
+``model-key`` hashes the resolved model folder path. ``meta.json`` records the model
+fingerprint (config.json bytes + size and mtime of each weight file), the calibration hash
+and shape, the method and precision, the cache format version, and the SHA-256 of every
+block file. An entry whose metadata does not match (stale) or whose files fail the checksum
+or cannot be parsed (corrupt) is reported with a warning, ignored and recomputed. For
+SmolLM2-135M (30 blocks, 210 linears) an entry is about 0.23 GB.
 """
 from __future__ import annotations
 
@@ -23,38 +31,44 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from .factorize import Whitening
+from .factorize import PRECISIONS, Whitening, output_spectrum, svd_basis, swift_basis, whiten_basis
 from .paths import cache_root
 from .ranks import break_even
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+Bases = tuple[torch.Tensor, "torch.Tensor | None"]
 
 
 @dataclass
 class LinearSpectrum:
     values: torch.Tensor  # descending eigenvalues of C = W G Wᵀ, float64
-    left: torch.Tensor  # (out, K) float64
-    right: torch.Tensor | None  # (K, in) float64; None for swift (A = left_kᵀ W)
-    curve: torch.Tensor  # (K + 1,) error of the rank-k factors, curve[0] = ‖XWᵀ‖²
+    curve: torch.Tensor  # (K + 1,) float64: error of the rank-k factors, curve[0] = ‖XWᵀ‖²
+    max_rank: int  # K
+    bases: Callable[[], Bases]  # -> left (out, K), right (K, in) or None for swift (A = left_kᵀ W)
 
-    @property
-    def max_rank(self) -> int:
-        return self.left.shape[1]
+    @classmethod
+    def in_memory(cls, values: torch.Tensor, left: torch.Tensor, right: torch.Tensor | None,
+                  curve: torch.Tensor) -> "LinearSpectrum":
+        return cls(values, curve, left.shape[1], lambda: (left, right))
 
     def factors(self, W: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) at rank k, float64."""
+        """(A, B) at rank k, at the stored precision."""
         if k > self.max_rank:
             raise ValueError(f"rank {k} above the stored maximum {self.max_rank}")
-        B = self.left[:, :k]
-        A = B.T @ W.to(torch.float64) if self.right is None else self.right[:k]
+        left, right = self.bases()
+        B = left[:, :k].contiguous()
+        A = B.T @ W.detach().to(B.dtype) if right is None else right[:k].contiguous()
         return A, B
 
     def error(self, k: int) -> tuple[float, float]:
@@ -67,9 +81,15 @@ class ModelStats:
     importance: list[float]
     meta: dict = field(default_factory=dict)
     from_cache: bool = False
+    store: "SpectrumStore | None" = None
 
     def values(self) -> dict[str, torch.Tensor]:
         return {n: s.values for n, s in self.spectra.items()}
+
+    def close(self) -> None:
+        """Remove the bases' folder if it is temporary (cache off); a cache entry stays."""
+        if self.store is not None and self.store.temporary:
+            shutil.rmtree(self.store.root, ignore_errors=True)
 
 
 def _tails(values: torch.Tensor, K: int) -> torch.Tensor:
@@ -81,6 +101,7 @@ def _tails(values: torch.Tensor, K: int) -> torch.Tensor:
 
 def _error_curve(W: torch.Tensor, G: torch.Tensor, L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     """curve[k] = tr((W − L_k R_k) G (W − L_k R_k)ᵀ) for k = 0..K, without forming W − L_k R_k."""
+    W, G, L, R = (t.to(torch.float64) for t in (W, G, L, R))
     K = L.shape[1]
     total = (W @ G * W).sum()
     RG = R @ G
@@ -93,50 +114,127 @@ def _error_curve(W: torch.Tensor, G: torch.Tensor, L: torch.Tensor, R: torch.Ten
     return curve.clamp_min(0)
 
 
-def decompose_group(weights: dict[str, torch.Tensor], G: torch.Tensor, method: str) -> dict[str, LinearSpectrum]:
-    """LinearSpectrum of every linear in ``weights`` (which all read the input with Gram ``G``)."""
-    G = G.to(torch.float64)
-    whitening = None
+def decompose_group(weights: dict[str, torch.Tensor], G: torch.Tensor, method: str,
+                    precision: str = "fp32") -> dict[str, LinearSpectrum]:
+    """LinearSpectrum (in memory) of every linear in ``weights``, which all read the input with Gram ``G``."""
+    dtype = PRECISIONS[precision]
+    whitening = Whitening(G) if method == "whiten" else None
+    Gw = G.to(dtype)
     out = {}
     for name, W in weights.items():
-        W = W.detach().to(torch.float64)
+        W = W.detach().to(dtype)
         m, n = W.shape
         K = max(break_even(m, n), 0)
         if method == "swift":
-            if m <= n:
-                lam, U = torch.linalg.eigh(W @ G @ W.T)
-                left = U.flip(-1)[:, :K].contiguous()
-            else:
-                Q, R = torch.linalg.qr(W)
-                lam, V = torch.linalg.eigh(R @ G @ R.T)
-                left = (Q @ V.flip(-1)[:, :K]).contiguous()
-            values = lam.flip(0).contiguous()
-            out[name] = LinearSpectrum(values, left, None, _tails(values, K))
+            lam, left = swift_basis(W, Gw, K)
+            values = lam.to(torch.float64)
+            out[name] = LinearSpectrum.in_memory(values, left, None, _tails(values, K))
             continue
-        values = torch.linalg.eigvalsh(W @ G @ W.T if m <= n else _small_c(W, G)).flip(0).contiguous()
+        values = output_spectrum(W, Gw).to(torch.float64)  # for allocation
         if method == "whiten":
-            whitening = whitening or Whitening(G)
-            U, s, Vh = torch.linalg.svd(W @ whitening.S, full_matrices=False)
-            root = s[:K].sqrt()
-            left = (U[:, :K] * root).contiguous()
-            right = ((root[:, None] * Vh[:K]) @ whitening.S_inv).contiguous()
+            left, right = whiten_basis(W, whitening, K)
         elif method == "svd":
-            U, s, Vh = torch.linalg.svd(W, full_matrices=False)
-            root = s[:K].sqrt()
-            left = (U[:, :K] * root).contiguous()
-            right = (root[:, None] * Vh[:K]).contiguous()
+            left, right = svd_basis(W, K)
         else:
             raise ValueError(f"unknown method {method!r}")
-        out[name] = LinearSpectrum(values, left, right, _error_curve(W, G, left, right))
+        out[name] = LinearSpectrum.in_memory(values, left, right, _error_curve(W, G, left, right))
     return out
 
 
-def _small_c(W: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-    _, R = torch.linalg.qr(W)
-    return R @ G @ R.T
+# ----------------------------------------------------------------------------- on disk
 
 
-# ----------------------------------------------------------------------------- the cache
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+class SpectrumStore:
+    """A folder of per-block safetensors files holding eigenvalues, curves and bases."""
+
+    def __init__(self, root: Path, temporary: bool):
+        self.root = Path(root)
+        self.temporary = temporary
+        self.files: dict[str, str] = {}  # file name -> sha256
+
+    @classmethod
+    def create(cls, entry: Path | None) -> "SpectrumStore":
+        """Next to ``entry`` (renamed into place by :meth:`commit`), or temporary when None."""
+        if entry is not None:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            return cls(Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=entry.parent)), False)
+        tmp = cache_root() / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        return cls(Path(tempfile.mkdtemp(prefix="bases-", dir=tmp)), True)
+
+    def add(self, index: int, spectra: dict[str, LinearSpectrum]) -> dict[str, LinearSpectrum]:
+        """Write one block's spectra; returns them with the bases left on disk."""
+        from safetensors.torch import save_file
+
+        fname = f"block-{index:04d}.safetensors"
+        tensors = {}
+        for name, s in spectra.items():
+            left, right = s.bases()
+            tensors[f"{name}::values"] = s.values
+            tensors[f"{name}::curve"] = s.curve
+            tensors[f"{name}::left"] = left.float().contiguous()
+            if right is not None:
+                tensors[f"{name}::right"] = right.float().contiguous()
+        save_file(tensors, str(self.root / fname))
+        self.files[fname] = _sha256(self.root / fname)
+        return {name: LinearSpectrum(s.values, s.curve, s.max_rank, partial(self._read, fname, name))
+                for name, s in spectra.items()}
+
+    def _read(self, fname: str, name: str) -> Bases:
+        from safetensors import safe_open
+
+        with safe_open(str(self.root / fname), framework="pt") as f:
+            right = f.get_tensor(f"{name}::right") if f"{name}::right" in f.keys() else None
+            return f.get_tensor(f"{name}::left"), right
+
+    def commit(self, entry: Path, meta: dict, importance: list[float]) -> int:
+        """Write meta.json, move the folder to ``entry`` (replacing a stale one); returns its bytes."""
+        body = dict(meta, importance=importance, files=self.files)
+        (self.root / "meta.json").write_text(json.dumps(body, indent=1))
+        if entry.exists():
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        os.replace(self.root, entry)
+        self.root = entry
+        return sum(p.stat().st_size for p in entry.iterdir())
+
+    @classmethod
+    def open(cls, entry: Path, meta: dict) -> tuple["ModelStats | None", str]:
+        """(stats, "") on a valid entry; (None, reason) when missing, stale or corrupt."""
+        from safetensors import safe_open
+
+        if not (entry / "meta.json").is_file():
+            return None, "missing"
+        try:
+            body = json.loads((entry / "meta.json").read_text())
+            for key, want in meta.items():
+                if body.get(key) != want:
+                    return None, f"stale ({key} changed)"
+            store = cls(entry, False)
+            spectra = {}
+            for fname, digest in body["files"].items():
+                if _sha256(entry / fname) != digest:
+                    return None, "corrupt (checksum mismatch)"
+                store.files[fname] = digest
+                with safe_open(str(entry / fname), framework="pt") as f:
+                    names = sorted({k.rpartition("::")[0] for k in f.keys()})
+                    for name in names:
+                        left_shape = f.get_slice(f"{name}::left").get_shape()
+                        spectra[name] = LinearSpectrum(f.get_tensor(f"{name}::values"), f.get_tensor(f"{name}::curve"),
+                                                       left_shape[1], partial(store._read, fname, name))
+            importance = [float(x) for x in body["importance"]]
+        except (OSError, ValueError, KeyError, TypeError) as e:  # truncated / garbled files or meta
+            return None, f"corrupt ({type(e).__name__}: {str(e)[:80]})"
+        except Exception as e:  # safetensors raises its own error types on a garbled header
+            return None, f"corrupt ({type(e).__name__}: {str(e)[:80]})"
+        return ModelStats(spectra, importance, body, from_cache=True, store=store), ""
+
+
+# ----------------------------------------------------------------------------- the cache key
 
 
 def model_fingerprint(folder: str | Path) -> str:
@@ -152,82 +250,12 @@ def model_fingerprint(folder: str | Path) -> str:
     return h.hexdigest()
 
 
-def entry_path(folder: str | Path, calib_hash: str, method: str) -> Path:
+def entry_path(folder: str | Path, calib_hash: str, method: str, precision: str = "fp32") -> Path:
     key = hashlib.sha256(str(Path(folder).resolve()).encode()).hexdigest()[:16]
-    return cache_root() / "stats" / f"{Path(folder).name}-{key}" / f"{calib_hash[:16]}-{method}.safetensors"
+    return cache_root() / "stats" / f"{Path(folder).name}-{key}" / f"{calib_hash[:16]}-{method}-{precision}"
 
 
-def _checksum(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].contiguous()
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
-    return h.hexdigest()
-
-
-def expected_meta(folder: str | Path, calib: dict, method: str) -> dict:
-    return {"cache_format": str(CACHE_FORMAT), "model_fingerprint": model_fingerprint(folder),
-            "calib_sha256": calib["token_sha256"], "nsamples": str(calib["nsamples"]),
-            "seqlen": str(calib["seqlen"]), "method": method}
-
-
-def save_stats(path: Path, stats: ModelStats, meta: dict) -> int:
-    """Write an entry atomically; returns its size in bytes."""
-    from safetensors.torch import save_file
-
-    tensors: dict[str, torch.Tensor] = {"__importance__": torch.tensor(stats.importance, dtype=torch.float64)}
-    for name, s in stats.spectra.items():
-        tensors[f"{name}::values"] = s.values
-        tensors[f"{name}::left"] = s.left
-        tensors[f"{name}::curve"] = s.curve
-        if s.right is not None:
-            tensors[f"{name}::right"] = s.right
-    tensors = {k: v.contiguous() for k, v in tensors.items()}
-    md = dict(meta, checksum=_checksum(tensors))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=md)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path.stat().st_size
-
-
-def load_stats(path: Path, meta: dict) -> tuple[ModelStats | None, str]:
-    """(stats, "") on a valid hit; (None, reason) when missing, stale or corrupt."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        return None, "missing"
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            md = f.metadata() or {}
-        for key, want in meta.items():
-            if md.get(key) != want:
-                return None, f"stale ({key} changed)"
-        tensors = load_file(str(path))
-    except Exception as e:  # truncated / garbled header or data
-        return None, f"corrupt ({type(e).__name__}: {str(e)[:80]})"
-    if _checksum(tensors) != md.get("checksum"):
-        return None, "corrupt (checksum mismatch)"
-    importance = tensors.pop("__importance__").tolist()
-    spectra: dict[str, dict] = {}
-    for key, t in tensors.items():
-        name, _, part = key.rpartition("::")
-        spectra.setdefault(name, {})[part] = t
-    try:
-        out = {n: LinearSpectrum(d["values"], d["left"], d.get("right"), d["curve"]) for n, d in spectra.items()}
-    except KeyError as e:
-        return None, f"corrupt (missing tensor {e})"
-    return ModelStats(out, importance, md, from_cache=True), ""
-
-
-def describe_meta(meta: dict) -> str:
-    return json.dumps({k: meta[k] for k in sorted(meta) if k != "checksum"})
+def expected_meta(folder: str | Path, calib: dict, method: str, precision: str = "fp32") -> dict:
+    return {"cache_format": CACHE_FORMAT, "model_fingerprint": model_fingerprint(folder),
+            "calib_sha256": calib["token_sha256"], "nsamples": calib["nsamples"],
+            "seqlen": calib["seqlen"], "method": method, "precision": precision}

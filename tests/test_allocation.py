@@ -170,8 +170,9 @@ def test_stale_and_corrupt_cache_entries_are_recomputed(tiny_model_dir, calib_tx
     compress_model(m, tok, cfg, source=folder)
     from swiftsvd_export.calibration import build_calibration
 
-    path = entry_path(folder, build_calibration(tok, calib_txt, 8, 64).hash, "swift")
-    assert path.is_file()
+    entry = entry_path(folder, build_calibration(tok, calib_txt, 8, 64).hash, "swift")
+    assert (entry / "meta.json").is_file()
+    path = entry / "block-0001.safetensors"
     ref = _factors(m)
     # corrupt: flip bytes in the tensor data
     raw = bytearray(path.read_bytes())
@@ -264,6 +265,7 @@ def test_no_cache_flag_writes_nothing(tiny_model_dir, calib_txt, tmp_path, capsy
                        "--calib", str(calib_txt), "--nsamples", "8", "--seqlen", "64")
     assert code == 0, se
     assert not (tmp_path / "cache" / "stats").exists()
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))  # the spilled bases were removed
 
 
 def test_refit_lowers_the_error_against_dense_outputs(tiny_model_dir, calib_txt):

@@ -33,11 +33,16 @@ TEST = SHARED / "wikitext-2-raw-v1.test.nnjoin.txt"
 
 
 
+VARIANTS = (("swift", "fp32"), ("whiten", "fp32"), ("svd", "fp32"), ("swift", "fp64"), ("whiten", "fp64"))
+
+
 def child_joint(ratio: float, outdir: str, nsamples: int, seqlen: int, repeats: int) -> dict:
-    """One calibration pass; every block's covariances are then factorized by every method.
+    """One calibration pass; every block's covariances are then factorized by every method, at
+    the pipeline's working precision (fp32) and at fp64.
 
     swift and whiten are timed alternately on the same covariances (median of ``repeats``), so
-    machine noise hits both alike; the calibration cost is the same pass for all methods.
+    machine noise hits both alike; the calibration cost is the same pass for all methods. The
+    fp32 factors are saved for the perplexity runs (that is what ``compress`` builds).
     """
     import copy
     import statistics
@@ -46,7 +51,7 @@ def child_joint(ratio: float, outdir: str, nsamples: int, seqlen: int, repeats: 
     from swiftsvd_export.calibration import build_calibration
     from swiftsvd_export.compress import linear_shapes
     from swiftsvd_export.covariance import calibrate
-    from swiftsvd_export.factorize import METHODS, factorize_group, reconstruction_error
+    from swiftsvd_export.factorize import PRECISIONS, factorize_group, reconstruction_error
     from swiftsvd_export.lowrank import LowRankLinear, replace_module, save_lowrank
     from swiftsvd_export.models import load_model
     from swiftsvd_export.ranks import param_count, uniform_ranks
@@ -56,10 +61,10 @@ def child_joint(ratio: float, outdir: str, nsamples: int, seqlen: int, repeats: 
     shapes = linear_shapes(model, spec)
     ranks = uniform_ranks(shapes, ratio)
     calib = build_calibration(tok, TRAIN, nsamples, seqlen, 0)
-    seconds = {m: 0.0 for m in METHODS}
-    errors = {m: [0.0, 0.0] for m in METHODS}
-    factors = {m: {} for m in METHODS}
-    jitter = {m: 0 for m in METHODS}
+    seconds = {v: 0.0 for v in VARIANTS}
+    errors = {v: [0.0, 0.0] for v in VARIANTS}
+    factors = {v: {} for v in VARIANTS if v[1] == "fp32"}
+    jitter = {v: 0 for v in VARIANTS}
 
     inside = [0.0]
 
@@ -74,19 +79,21 @@ def child_joint(ratio: float, outdir: str, nsamples: int, seqlen: int, repeats: 
             G = stats.grams[group.name]
             weights = {lin: layer.get_submodule(lin).weight.detach() for lin in group.linears}
             rk = {lin: ranks[prefix + lin] for lin in group.linears if prefix + lin in ranks}
-            for method in METHODS:
+            for v in VARIANTS:
+                method, precision = v
                 samples = []
                 for _ in range(repeats if method != "svd" else 1):
                     t = time.perf_counter()
-                    out = factorize_group(weights, G, rk, method)
+                    out = factorize_group(weights, G, rk, method, PRECISIONS[precision])
                     samples.append(time.perf_counter() - t)
-                seconds[method] += statistics.median(samples)
+                seconds[v] += statistics.median(samples)
                 for lin, f in out.items():
-                    e, n = reconstruction_error(weights[lin], f.B @ f.A, G)
-                    errors[method][0] += e
-                    errors[method][1] += n
-                    jitter[method] += f.jitter > 0
-                    factors[method][prefix + lin] = (f.A.float(), f.B.float())
+                    e, n = reconstruction_error(weights[lin], f.B.double() @ f.A.double(), G)
+                    errors[v][0] += e
+                    errors[v][1] += n
+                    jitter[v] += f.jitter > 0
+                    if v in factors:
+                        factors[v][prefix + lin] = (f.A.float(), f.B.float())
 
     t = time.perf_counter()
     calibrate(model, spec, calib.ids, 8, on_block=on_block, progress=False)
@@ -94,15 +101,19 @@ def child_joint(ratio: float, outdir: str, nsamples: int, seqlen: int, repeats: 
     calibration_s = pass_s - inside[0]
     dense, after = param_count(shapes, ranks)
     runs = []
-    for method in METHODS:
-        m = copy.deepcopy(model)
-        for name, (A, B) in factors[method].items():
-            replace_module(m, name, LowRankLinear.from_factors(A, B))
-        save_lowrank(m, Path(outdir) / method, "fp32", tokenizer=tok)
-        del m
-        runs.append({"method": method, "ratio": ratio, "factorize_s": seconds[method],
-                     "normalized_error": errors[method][0] / errors[method][1],
-                     "cholesky_jitter_linears": jitter[method], "achieved_ratio": 1 - after / dense})
+    for v in VARIANTS:
+        method, precision = v
+        run = {"method": method, "precision": precision, "ratio": ratio, "factorize_s": seconds[v],
+               "normalized_error": errors[v][0] / errors[v][1], "cholesky_jitter_linears": jitter[v],
+               "achieved_ratio": 1 - after / dense}
+        if v in factors:
+            m = copy.deepcopy(model)
+            for name, (A, B) in factors[v].items():
+                replace_module(m, name, LowRankLinear.from_factors(A, B))
+            save_lowrank(m, Path(outdir) / method, "fp32", tokenizer=tok)
+            del m
+            run["model_dir"] = str(Path(outdir) / method)
+        runs.append(run)
     return {"calibration_s": calibration_s, "repeats": repeats, "runs": runs}
 
 
@@ -187,7 +198,6 @@ def run_child(*args: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench_out/compress.json")
-    ap.add_argument("--methods", default="swift,whiten,svd")
     ap.add_argument("--ratios", default="0.2,0.4")
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
@@ -230,7 +240,8 @@ def main() -> None:
         for r in joint["runs"]:
             r["calibration_s"] = joint["calibration_s"]
             r["total_s"] = joint["calibration_s"] + r["factorize_s"]
-            r["ppl"] = run_child("ppl", str(work / ratio / r["method"]), windows)["ppl"]
+            if "model_dir" in r:
+                r["ppl"] = run_child("ppl", r.pop("model_dir"), windows)["ppl"]
             rows.append(r)
             print(json.dumps(r), file=sys.stderr)
     results["runs"] = rows
@@ -248,19 +259,22 @@ def main() -> None:
         f"peak RSS {results['cli_run']['peak_rss_mb']:.0f} MiB = "
         f"{results['cli_run']['peak_rss_mb'] / fwd['fp32_model_mb']:.2f}x the fp32 model.",
         "",
-        "| method | ratio | calibration s | factorize s | total s | norm. recon. error | ppl |",
-        "|---|---|---|---|---|---|---|",
+        "| method | precision | ratio | calibration s | factorize s | total s | norm. recon. error | ppl |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['ratio']} | {r['calibration_s']:.1f} | {r['factorize_s']:.2f} | "
-                     f"{r['total_s']:.1f} | {r['normalized_error']:.4e} | {r['ppl']:.3f} |")
+        ppl = f"{r['ppl']:.3f}" if "ppl" in r else "—"
+        lines.append(f"| {r['method']} | {r['precision']} | {r['ratio']} | {r['calibration_s']:.1f} | "
+                     f"{r['factorize_s']:.2f} | {r['total_s']:.1f} | {r['normalized_error']:.6e} | {ppl} |")
     for ratio in a.ratios.split(","):
-        by = {r["method"]: r for r in rows if str(r["ratio"]) == ratio}
-        if {"swift", "whiten"} <= by.keys():
-            lines.append(f"\nratio {ratio}: whiten/swift factorization time = "
-                         f"{by['whiten']['factorize_s'] / by['swift']['factorize_s']:.2f}x"
-                         + (f"; svd error / swift error = {by['svd']['normalized_error'] / by['swift']['normalized_error']:.1f}x"
-                            if "svd" in by else ""))
+        by = {(r["method"], r["precision"]): r for r in rows if str(r["ratio"]) == ratio}
+        for prec in ("fp32", "fp64"):
+            if ("swift", prec) in by and ("whiten", prec) in by:
+                lines.append(f"\nratio {ratio}, {prec}: whiten/swift factorization time = "
+                             f"{by['whiten', prec]['factorize_s'] / by['swift', prec]['factorize_s']:.2f}x")
+        if ("svd", "fp32") in by and ("swift", "fp32") in by:
+            lines.append(f"\nratio {ratio}: svd error / swift error = "
+                         f"{by['svd', 'fp32']['normalized_error'] / by['swift', 'fp32']['normalized_error']:.1f}x")
     for name, g in fwd["gram_schemes"].items():
         lines.append(f"\nXᵀX accumulation, {name}: {g['seconds']:.3f} s, relative error vs float64 {g['rel_error']:.1e}")
     table = "\n".join(lines)

@@ -46,6 +46,9 @@ def add_parser(sub) -> None:
                    help="write ranks.png and ppl_vs_ratio.png (held-out, uniform vs dynamic) into the output folder")
     p.add_argument("--method", choices=METHODS, default="swift",
                    help="swift (default), whiten (SVD-LLM) or svd (plain truncation)")
+    p.add_argument("--precision", choices=["fp32", "fp64"], default="fp32",
+                   help="working precision of the eigendecompositions (default fp32: swift needs no inverse; "
+                        "its error matches fp64 to ~1e-5 relative)")
     p.add_argument("--calib", help=f".txt, .jsonl or .parquet calibration text (default: {DEFAULT_CALIBRATION.name})")
     p.add_argument("--text-field", default="text", help="field/column of .jsonl/.parquet holding the text")
     p.add_argument("--nsamples", type=int, default=64, help="calibration sequences (default 64)")
@@ -73,7 +76,8 @@ def run(args) -> int:
                          rank_multiple=args.rank_multiple, overwrite=args.overwrite,
                          target_bytes=args.target_bytes, max_ppl_increase=args.max_ppl_increase,
                          allocation=args.allocation, alpha=args.alpha, holdout=args.holdout,
-                         cache=args.cache, plots=args.plots, refit=args.refit)
+                         cache=args.cache, plots=args.plots, refit=args.refit,
+                         precision=args.precision)
     summary = compress(cfg)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     return 0
