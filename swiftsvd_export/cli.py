@@ -8,7 +8,7 @@ import sys
 
 from .errors import SwiftSVDError
 
-COMMANDS = ("compress", "ppl", "calib_gen", "export", "generate", "build_llamacpp")
+COMMANDS = ("compress", "ppl", "calib_gen", "export", "generate", "build_llamacpp", "validate", "release", "run")
 
 EPILOG = """examples:
   swiftsvd-export compress smollm2-135m out/smol-0.4 --ratio 0.4

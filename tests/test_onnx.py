@@ -92,7 +92,8 @@ def exports(lowrank_dir, tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("onnx")
     out = {}
     for name, kw in {"fp32": dict(mobile=True), "fp16": dict(precision="fp16"),
-                     "int8": dict(quantize="int8"), "int4": dict(quantize="int4")}.items():
+                     "int8": dict(quantize="int8"), "int4": dict(quantize="int4"),
+                     "int8-dynamic": dict(quantize="int8-dynamic")}.items():
         export_onnx(lowrank_dir, base / name, **kw)
         out[name] = base / name
     return out
@@ -154,19 +155,20 @@ def test_weights_stored_at_chosen_precision(exports):
 
 
 def test_quantized_graphs_use_the_quantized_ops(exports):
-    ops8 = {n.op_type for n in onnx.load(str(exports["int8"] / "model.onnx")).graph.node}
+    ops8 = {n.op_type for n in onnx.load(str(exports["int8-dynamic"] / "model.onnx")).graph.node}
     assert "MatMulInteger" in ops8
-    g4 = onnx.load(str(exports["int4"] / "model.onnx"))
-    nbits = [n for n in g4.graph.node if n.op_type == "MatMulNBits"]
-    assert nbits
-    for n in nbits:
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
-        assert attrs["K"] % attrs["block_size"] == 0
+    for bits in (8, 4):
+        g = onnx.load(str(exports[f"int{bits}"] / "model.onnx"))
+        nbits = [n for n in g.graph.node if n.op_type == "MatMulNBits"]
+        assert nbits
+        for n in nbits:
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+            assert attrs["K"] % attrs["block_size"] == 0 and attrs["bits"] == bits
     s4 = json.loads((exports["int4"] / "summary.json").read_text())
     left = {d["node"] for d in s4["quantization"]["left_fp32"]}
     # rank 24 (o_proj B factor) is a multiple of no allowed block size: left in fp32 and listed
     assert left == {f"/model/layers.{i}/self_attn/o_proj/B/MatMul" for i in range(LAYERS)}
-    for v in ("int8", "int4"):
+    for v in ("int8", "int4", "int8-dynamic"):
         assert (exports[v] / "model.onnx").stat().st_size < (exports["fp32"] / "model.onnx").stat().st_size
 
 
@@ -182,7 +184,7 @@ def test_fp32_parity_with_torch(exports, torch_model):
     assert r["passed"]
 
 
-@pytest.mark.parametrize("variant", ["fp16", "int8", "int4"])
+@pytest.mark.parametrize("variant", ["fp16", "int8", "int4", "int8-dynamic"])
 def test_lower_precision_figures(exports, torch_model, variant):
     model, tok = torch_model
     r = parity(model, exports[variant], prompt_ids(tok), gen_tokens=8, max_abs_logit=None)
@@ -287,7 +289,7 @@ def _export_args(src, out, **kw) -> argparse.Namespace:
 
 
 def test_unknown_quantization_mode(lowrank_dir, tmp_path):
-    with pytest.raises(SwiftSVDError, match="unknown quantization mode 'int3'.*none, int8, int4"):
+    with pytest.raises(SwiftSVDError, match="unknown quantization mode 'int3'.*none, int8, int4, int8-dynamic"):
         onnx_cli.run_export(_export_args(lowrank_dir, tmp_path / "o", quantize="int3"))
     with pytest.raises(SwiftSVDError, match="unknown precision"):
         onnx_cli.run_export(_export_args(lowrank_dir, tmp_path / "o", precision="int2"))

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 PRECISIONS = ("fp32", "fp16")
-QUANTIZE = ("none", "int8", "int4")
+QUANTIZE = ("none", "int8", "int4", "int8-dynamic")
 
 
 def add_export_arguments(group) -> None:
@@ -10,10 +10,10 @@ def add_export_arguments(group) -> None:
     group.add_argument("--precision", default="fp32",
                        help="weight precision of the ONNX graph: fp32 (default) or fp16")
     group.add_argument("--quantize", default="none",
-                       help="weight quantization: none (default), int8 (dynamic, MatMulInteger) "
-                            "or int4 (blockwise MatMulNBits)")
+                       help="weight quantization: none (default), int8 or int4 (blockwise weight-only "
+                            "MatMulNBits), int8-dynamic (MatMulInteger, int8 activations too)")
     group.add_argument("--block-size", type=int, default=None,
-                       help="int4 block size (power of two >= 16; default: the largest of "
+                       help="int8/int4 block size (power of two >= 16; default: the largest of "
                             "128/64/32/16 that divides the factor ranks)")
     group.add_argument("--mobile", action="store_true",
                        help="also write the ORT format (.ort) and a reduced-operator config")

@@ -23,12 +23,12 @@ from pathlib import Path
 from ...atomic import atomic_dir, check_output
 from ...errors import SwiftSVDError
 from .graph import check_pairs, initializer_bytes, ort_optimized, shape_counts
-from .quantize import check_block_size, quantize_int4, quantize_int8, save_model, to_fp16
+from .quantize import check_block_size, quantize_int8_dynamic, quantize_nbits, save_model, to_fp16
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16")
-QUANTIZE = ("none", "int8", "int4")
+QUANTIZE = ("none", "int8", "int4", "int8-dynamic")
 TASK = "text-generation-with-past"
 
 
@@ -39,8 +39,8 @@ def validate_options(precision: str, quantize: str, block_size: int | None) -> N
         raise SwiftSVDError(f"unknown quantization mode {quantize!r}; choose one of {', '.join(QUANTIZE)}")
     if quantize != "none" and precision != "fp32":
         raise SwiftSVDError(f"--quantize {quantize} works on the fp32 graph; drop --precision {precision}")
-    if block_size is not None and quantize != "int4":
-        raise SwiftSVDError("--block-size only applies to --quantize int4")
+    if block_size is not None and quantize not in ("int8", "int4"):
+        raise SwiftSVDError("--block-size only applies to --quantize int8 or int4")
     check_block_size(block_size)
 
 
@@ -174,10 +174,10 @@ def export_onnx(model_dir: str | Path, output: str | Path, precision: str = "fp3
                     p.unlink()
             save_model(proto, raw)
         del proto
-        if quantize == "int8":
-            quant_info = quantize_int8(raw, final)
-        elif quantize == "int4":
-            quant_info = quantize_int4(raw, final, block_size=block_size)
+        if quantize == "int8-dynamic":
+            quant_info = quantize_int8_dynamic(raw, final)
+        elif quantize in ("int8", "int4"):
+            quant_info = quantize_nbits(raw, final, bits=int(quantize[3]), block_size=block_size)
         elif precision == "fp16":
             save_model(to_fp16(onnx.load(str(raw))), final)
         else:

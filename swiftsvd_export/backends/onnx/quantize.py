@@ -2,11 +2,16 @@
 
 - fp16: every float initializer stored as fp16 (graph inputs/outputs, including the KV cache,
   stay fp32 so the same runtime code and optimum's loader work unchanged);
-- int8: ``quantize_dynamic`` -> ``MatMulInteger`` (weights int8, activations quantized per call);
-- int4: ``MatMulNBitsQuantizer`` -> ``MatMulNBits`` (4-bit blockwise along K). MatMulNBits' block
-  size must divide K (the input dimension of each MatMul; for a B factor that is the rank), so
-  each MatMul gets the largest block size from the allowed list that divides its K; MatMuls
-  whose K no allowed size divides stay fp32 and are listed in the summary.
+- int8 / int4: ``MatMulNBitsQuantizer`` -> ``MatMulNBits`` (8- or 4-bit weights, symmetric,
+  one scale per block of K along each output column; weight-only). MatMulNBits' block size
+  must divide K (the input dimension of each MatMul; for a B factor that is the rank), so each
+  MatMul gets the largest block size from the allowed list that divides its K; MatMuls whose K
+  no allowed size divides stay fp32 and are listed in the summary.
+- int8-dynamic: ``quantize_dynamic`` -> ``MatMulInteger`` (weights int8 per tensor, activations
+  uint8 per tensor, per call). On SmolLM2 it loses most of the top-1 agreement (per-tensor
+  activation scales cannot hold the outlier channels of the hidden states nor the decaying
+  latent of a factor pair), so ``int8`` is blockwise weight-only and this mode is kept for
+  runtimes without MatMulNBits.
 """
 from __future__ import annotations
 
@@ -56,13 +61,13 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     return convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
 
 
-def quantize_int8(src: Path, dst: Path) -> dict:
+def quantize_int8_dynamic(src: Path, dst: Path) -> dict:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with _quiet():
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
                          per_channel=False, extra_options={"MatMulConstBOnly": True})
-    return {"mode": "int8", "op": "MatMulInteger", "weight_type": "int8 per-tensor",
+    return {"mode": "int8-dynamic", "op": "MatMulInteger", "weight_type": "int8 per-tensor",
             "activations": "uint8 dynamic"}
 
 
@@ -71,6 +76,12 @@ def check_block_size(block_size: int | None) -> None:
         return
     if block_size < 16 or block_size & (block_size - 1):
         raise SwiftSVDError(f"--block-size {block_size}: must be a power of two >= 16 (MatMulNBits)")
+
+
+# accuracy_level of MatMulNBits: 1 = fp32 compute (weights dequantized per block), 4 = int8
+# activations. 8-bit weights keep fp32 compute: with int8 activations SmolLM2 loses ~10 points of
+# top-1 agreement; 4-bit weights lose as much either way, so they take the faster int8 compute.
+ACCURACY_LEVEL = {8: 1, 4: 4}
 
 
 def plan_int4(model: onnx.ModelProto, block_size: int | None) -> tuple[dict[int, list[str]], list[dict]]:
@@ -90,29 +101,30 @@ def plan_int4(model: onnx.ModelProto, block_size: int | None) -> tuple[dict[int,
     return plan, skipped
 
 
-def quantize_int4(src: Path, dst: Path, block_size: int | None = None, accuracy_level: int = 4) -> dict:
+def quantize_nbits(src: Path, dst: Path, bits: int, block_size: int | None = None) -> dict:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     check_block_size(block_size)
     model = onnx.load(str(src))
     plan, skipped = plan_int4(model, block_size)
     if not plan:
-        raise SwiftSVDError("--quantize int4: no MatMul has an input dimension that the block size "
+        raise SwiftSVDError(f"--quantize int{bits}: no MatMul has an input dimension that the block size "
                             f"{block_size or INT4_BLOCK_SIZES} divides")
     all_matmuls = {n.name for n in model.graph.node if n.op_type == "MatMul"}
     for bs, nodes in sorted(plan.items(), reverse=True):
         # nodes_to_include is OR'ed with the op type in onnxruntime, so exclude the others instead
         with _quiet():
-            q = MatMulNBitsQuantizer(model, bits=4, block_size=bs, is_symmetric=True,
-                                     accuracy_level=accuracy_level,
+            q = MatMulNBitsQuantizer(model, bits=bits, block_size=bs, is_symmetric=True,
+                                     accuracy_level=ACCURACY_LEVEL[bits],
                                      nodes_to_exclude=sorted(all_matmuls - set(nodes)))
             q.process()
         model = q.model.model
     save_model(model, dst)
     if skipped:
-        log.warning("int4: %d MatMul(s) left in fp32 (no block size in %s divides K): %s", len(skipped),
+        log.warning("int%d: %d MatMul(s) left in fp32 (no block size in %s divides K): %s", bits, len(skipped),
                     (block_size,) if block_size else INT4_BLOCK_SIZES,
                     ", ".join(f"{s['node']} K={s['K']}" for s in skipped[:6]))
-    return {"mode": "int4", "op": "MatMulNBits", "symmetric": True, "accuracy_level": accuracy_level,
+    return {"mode": f"int{bits}", "op": "MatMulNBits", "bits": bits, "symmetric": True,
+            "accuracy_level": ACCURACY_LEVEL[bits],
             "block_sizes": {str(bs): len(nodes) for bs, nodes in sorted(plan.items(), reverse=True)},
             "left_fp32": skipped}

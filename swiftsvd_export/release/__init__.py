@@ -1,0 +1,1 @@
+"""``release`` / ``run``: config -> compress -> export -> validate -> threshold gate, one folder."""

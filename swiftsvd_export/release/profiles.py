@@ -1,0 +1,78 @@
+"""Device profiles: ``targets/profiles/<name>.toml`` says which runtime format and export options a
+device gets, so a release config names a device instead of repeating export flags.
+
+Profile file::
+
+    description = "..."
+    format = "onnx" | "gguf"
+    [export]          # onnx: precision, quantize, block_size, mobile; gguf: factor_type, embed_type
+    [requires]        # rank_multiple: compress ranks must be a multiple of it (quantization blocks)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..backends.gguf.cli import EMBED_TYPES, FACTOR_TYPES
+from ..backends.onnx.cli import PRECISIONS, QUANTIZE
+from ..errors import SwiftSVDError
+from .schema import read_toml, take
+
+PROFILES_DIR = Path(__file__).resolve().parents[2] / "targets" / "profiles"
+
+FORMATS = ("onnx", "gguf")
+PROFILE_SCHEMA = {"description": str, "format": FORMATS, "export": dict, "requires": dict}
+EXPORT_SCHEMA = {
+    "onnx": {"precision": PRECISIONS, "quantize": QUANTIZE, "block_size": int, "mobile": bool},
+    "gguf": {"factor_type": FACTOR_TYPES, "embed_type": EMBED_TYPES},
+}
+REQUIRES_SCHEMA = {"rank_multiple": int}
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    path: Path
+    description: str
+    format: str
+    export: dict = field(default_factory=dict)
+    rank_multiple: int = 1
+
+    def artifact_name(self, target: str) -> str:
+        """Where the target's artifact goes under ``artifacts/``: a folder (onnx) or a file (gguf)."""
+        return f"{target}.gguf" if self.format == "gguf" else target
+
+
+def available(profiles_dir: Path = PROFILES_DIR) -> list[str]:
+    return sorted(p.stem for p in profiles_dir.glob("*.toml"))
+
+
+def load_profile(ref: str, base_dir: Path, profiles_dir: Path = PROFILES_DIR) -> Profile:
+    """``ref`` is a shipped profile name, or a path to a ``.toml`` (relative to ``base_dir``)."""
+    if ref.endswith(".toml"):
+        path = (base_dir / Path(ref).expanduser()).resolve()
+        if not path.is_file():
+            raise SwiftSVDError(f"profile file {path} not found")
+    else:
+        path = profiles_dir / f"{ref}.toml"
+        if not path.is_file():
+            names = available(profiles_dir)
+            raise SwiftSVDError(f"unknown profile {ref!r}; available profiles: {', '.join(names) or 'none'} "
+                                f"(in {profiles_dir}), or give a path to a .toml profile")
+    top = take(read_toml(path), PROFILE_SCHEMA, "", path, required=("description", "format"))
+    fmt = top["format"]
+    export = take(top.get("export", {}), EXPORT_SCHEMA[fmt], "export", path)
+    requires = take(top.get("requires", {}), REQUIRES_SCHEMA, "requires", path)
+    if fmt == "onnx":
+        from ..backends.onnx.export import validate_options
+
+        try:
+            validate_options(export.get("precision", "fp32"), export.get("quantize", "none"),
+                             export.get("block_size"))
+        except SwiftSVDError as e:
+            raise SwiftSVDError(f"{path}: [export] {e}") from None
+    rank_multiple = requires.get("rank_multiple", 1)
+    if rank_multiple < 1:
+        raise SwiftSVDError(f"{path}: [requires] rank_multiple must be >= 1, got {rank_multiple}")
+    return Profile(name=path.stem, path=path, description=top["description"], format=fmt,
+                   export=export, rank_multiple=rank_multiple)
