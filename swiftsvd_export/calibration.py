@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import SwiftSVDError
+from .paths import cache_root
 
 # The shipped default set lives in the repository's calibration_data/ (see its README for
 # provenance); an editable install (pip install -e .) keeps it reachable from the package.
@@ -71,25 +74,65 @@ def read_texts(path: str | Path, text_field: str = "text") -> list[str]:
     return texts
 
 
+def _tokenizer_digest(tokenizer) -> str | None:
+    """SHA-256 of a fast tokenizer's full serialization (vocab, merges, normalizer); None otherwise."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    return hashlib.sha256(backend.to_str().encode()).hexdigest()
+
+
+def _tokenize(tokenizer, path: Path, text_field: str) -> list[int]:
+    stream: list[int] = []
+    for ids in tokenizer(read_texts(path, text_field), add_special_tokens=False)["input_ids"]:
+        stream.extend(ids)
+    return stream
+
+
+def token_stream(tokenizer, path: str | Path, text_field: str = "text", cache: bool = True) -> torch.Tensor:
+    """The calibration text as one token stream (int64), cached on disk so that re-targeting does
+    not re-tokenize: keyed by the file's SHA-256, the tokenizer's serialization and ``text_field``
+    (``cache_root()/tokens/<key>.pt``; a garbled file is ignored and rewritten)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SwiftSVDError(f"calibration file {path} does not exist")
+    tok_digest = _tokenizer_digest(tokenizer) if cache else None
+    if tok_digest is None:
+        return torch.tensor(_tokenize(tokenizer, path, text_field), dtype=torch.long)
+    with open(path, "rb") as f:
+        file_digest = hashlib.file_digest(f, "sha256").hexdigest()
+    key = hashlib.sha256(f"{file_digest}:{tok_digest}:{text_field}".encode()).hexdigest()[:32]
+    entry = cache_root() / "tokens" / f"{key}.pt"
+    try:
+        return torch.load(entry, weights_only=True).long()
+    except Exception:  # missing or garbled: tokenize again
+        pass
+    ids = torch.tensor(_tokenize(tokenizer, path, text_field), dtype=torch.int32)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{key}.", dir=entry.parent)
+    os.close(fd)
+    torch.save(ids, tmp)
+    os.replace(tmp, entry)
+    return ids.long()
+
+
 def build_calibration(tokenizer, path: str | Path, nsamples: int, seqlen: int, seed: int = 0,
-                      text_field: str = "text", holdout: int = 0) -> CalibrationSet:
+                      text_field: str = "text", holdout: int = 0, cache: bool = True) -> CalibrationSet:
     """Tokenize the texts as one stream and draw ``nsamples`` distinct, non-overlapping windows.
 
     Windows are chosen with a seeded generator from the stream cut into ``seqlen`` pieces, so
     the same file, tokenizer and seed give the same token ids (and hash). ``holdout`` > 0 also
     takes up to that many further windows, next in the same permutation, as a held-out slice.
+    ``cache`` keeps the token stream on disk (:func:`token_stream`).
     """
     if nsamples < 1 or seqlen < 2:
         raise SwiftSVDError(f"need nsamples >= 1 and seqlen >= 2 (got {nsamples}, {seqlen})")
-    texts = read_texts(path, text_field)
-    stream: list[int] = []
-    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-        stream.extend(ids)
-    total = len(stream)
+    stream = token_stream(tokenizer, path, text_field, cache)
+    total = stream.numel()
     if total < nsamples * seqlen:
         raise SwiftSVDError(f"calibration file {path} has {total} tokens, fewer than "
                             f"nsamples x seqlen = {nsamples} x {seqlen} = {nsamples * seqlen}")
-    pieces = torch.tensor(stream[: (total // seqlen) * seqlen], dtype=torch.long).view(-1, seqlen)
+    pieces = stream[: (total // seqlen) * seqlen].view(-1, seqlen)
     order = torch.randperm(len(pieces), generator=torch.Generator().manual_seed(seed))
     held = None
     if holdout > 0:

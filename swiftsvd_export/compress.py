@@ -64,7 +64,7 @@ class CompressConfig:
     overwrite: bool = False
     progress: bool = True
     allocation: str = "uniform"
-    alpha: float = 0.5  # dynamic allocation: exponent on the block importance
+    alpha: float = 1.0  # dynamic allocation: weight of block importance vs output norm (held-out choice)
     target_bytes: int | None = None
     max_ppl_increase: float | None = None  # percent
     holdout: int = 8  # held-out calibration windows for --max-ppl-increase and the ppl plot
@@ -95,8 +95,8 @@ class CompressConfig:
             raise SwiftSVDError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
         if self.allocation == "dynamic" and self.ranks_file is not None:
             raise SwiftSVDError("--allocation dynamic chooses the ranks itself; it cannot be combined with --ranks")
-        if not (self.alpha >= 0 and math.isfinite(self.alpha)):
-            raise SwiftSVDError(f"--alpha must be >= 0, got {self.alpha}")
+        if not 0 <= self.alpha <= 1:
+            raise SwiftSVDError(f"--alpha must be in [0, 1], got {self.alpha}")
         if self.refit and not self.sequential:
             raise SwiftSVDError("--refit needs --sequential (without it the Swift-SVD factors are already optimal)")
         if self.holdout < 1 and (self.max_ppl_increase is not None or self.plots):
@@ -392,7 +392,7 @@ def compress_model(model, tokenizer, cfg: CompressConfig, ranks: dict[str, int] 
     t_start = time.perf_counter()
     need_holdout = cfg.max_ppl_increase is not None or cfg.plots
     calib = build_calibration(tokenizer, cfg.calib or DEFAULT_CALIBRATION, cfg.nsamples, cfg.seqlen, cfg.seed,
-                              cfg.text_field, holdout=cfg.holdout if need_holdout else 0)
+                              cfg.text_field, holdout=cfg.holdout if need_holdout else 0, cache=cfg.cache)
     holdout = calib.holdout
     timers["tokenize_s"] = time.perf_counter() - t_start
     if ranks is None and cfg.target_bytes is not None:

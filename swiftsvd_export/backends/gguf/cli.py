@@ -3,6 +3,8 @@ from __future__ import annotations
 
 FACTOR_TYPES = ("f32", "f16", "q8_0", "q4_0")
 EMBED_TYPES = ("f32", "f16", "q8_0")
+# layouts of the shared --kv-cache flag (commands/export.py) that this target implements (writer.KV_LAYOUTS)
+KV_CACHE_LAYOUTS = ("dense", "latent-v", "latent-kv")
 
 
 def add_export_arguments(group) -> None:
@@ -19,7 +21,7 @@ def run_export(args) -> int:
 
     logging.getLogger("gguf").setLevel(logging.WARNING)
     export_gguf(args.model_dir, args.output, factor_type=args.factor_type,
-                embed_type=args.embed_type, overwrite=args.overwrite)
+                embed_type=args.embed_type, overwrite=args.overwrite, kv_cache=args.kv_cache)
     return 0
 
 

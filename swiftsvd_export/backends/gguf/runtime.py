@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import sys
 from collections import deque
 from pathlib import Path
@@ -13,6 +14,7 @@ from ...errors import SwiftSVDError
 from . import build
 
 _LOG: deque[str] = deque(maxlen=400)
+_KV_LOG: deque[str] = deque(maxlen=8)  # llama.cpp's KV cache size lines; its debug output would push them out of _LOG
 _VERBOSE = False
 _CALLBACK = None  # keep the ctypes callback alive
 
@@ -45,6 +47,8 @@ def load_llama_cpp():
     def _cb(level, text, user_data):  # noqa: ARG001
         msg = text.decode("utf-8", errors="replace")
         _LOG.append(msg)
+        if "llama_kv_cache: size" in msg:
+            _KV_LOG.append(msg)
         if _VERBOSE:
             print(msg, end="", file=sys.stderr, flush=True)
 
@@ -60,7 +64,7 @@ def _load_errors() -> str:
 
 def open_model(path: str | Path, n_ctx: int = 2048, n_threads: int | None = None,
                logits_all: bool = False, n_batch: int = 512, verbose: bool = False,
-               kv_f32: bool = False):
+               kv_f32: bool = False, flash_attn: bool = False):
     """A ``llama_cpp.Llama`` for ``path``; load failures become SwiftSVDError naming the cause.
 
     ``kv_f32`` keeps the KV cache in F32 (llama.cpp's default is F16), for parity checks.
@@ -72,18 +76,38 @@ def open_model(path: str | Path, n_ctx: int = 2048, n_threads: int | None = None
     llama_cpp = load_llama_cpp()
     import llama_cpp.llama as ll
 
+    # the first import of llama_cpp.llama installs llama-cpp-python's logger: ours must see the load
+    # (its errors, and the KV cache size that kv_cache_log reads)
+    llama_cpp.llama_log_set(_CALLBACK, ctypes.c_void_p(0))
     threads = n_threads or max(1, os.cpu_count() or 1)
     _LOG.clear()
+    _KV_LOG.clear()
     _VERBOSE = verbose
     try:
         llm = ll.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
                        logits_all=logits_all, n_batch=n_batch, n_ubatch=n_batch, verbose=verbose,
+                       flash_attn=flash_attn,
                        **({"type_k": 0, "type_v": 0} if kv_f32 else {}))  # 0 = GGML_TYPE_F32
     except ValueError as e:
         raise SwiftSVDError(f"{path}: llama.cpp could not load it: {_load_errors()}") from e
     # llama-cpp-python re-installs its own logger on construction: put ours back.
     llama_cpp.llama_log_set(_CALLBACK, ctypes.c_void_p(0))
     return llm
+
+
+_KV_LINE = re.compile(r"llama_kv_cache: size = +([\d.]+) MiB \( *(\d+) cells, +(\d+) layers.*?"
+                      r"K \((\w+)\): +([\d.]+) MiB, V \((\w+)\): +([\d.]+) MiB")
+
+
+def kv_cache_log() -> dict:
+    """llama.cpp's own KV cache line (cells, layers, K/V types and MiB) from the last ``open_model``:
+    the figure the computed KV bytes per token are checked against."""
+    for line in reversed(_KV_LOG):
+        m = _KV_LINE.search(line)
+        if m:
+            return {"mib": float(m[1]), "cells": int(m[2]), "layers": int(m[3]), "type_k": m[4],
+                    "k_mib": float(m[5]), "type_v": m[6], "v_mib": float(m[7])}
+    raise SwiftSVDError("llama.cpp logged no KV cache size (llama_kv_cache: size = ...)")
 
 
 def logits(llm, ids: list[int]) -> np.ndarray:

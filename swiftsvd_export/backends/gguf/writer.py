@@ -2,7 +2,8 @@
 
 Spec (targets/llamacpp/README.md): a factorized linear of block N is stored as
 ``blk.N.<name>_lr_a.weight`` (A, k x in) and ``blk.N.<name>_lr_b.weight`` (B, out x k) instead of
-``blk.N.<name>.weight``; the file carries ``swiftsvd.lowrank.version = 1`` (uint32).
+``blk.N.<name>.weight``; the file carries ``swiftsvd.lowrank.version = 1`` (uint32). A latent KV cache
+(``kv_cache``) adds ``swiftsvd.kv_cache.layout``: one uint32 per layer, bit 0 = cache A_V·x, bit 1 = A_K·x.
 """
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ log = logging.getLogger(__name__)
 LOWRANK_KEY = "swiftsvd.lowrank.version"
 LOWRANK_VERSION = 1
 LOWRANK_RANKS_KEY = "swiftsvd.lowrank.ranks"  # informative only; llama.cpp reads ranks from shapes
+KV_LAYOUT_KEY = "swiftsvd.kv_cache.layout"
+# --kv-cache value -> per-layer layout bits (1: V latent, 2: K latent) and the projections it needs factorized
+KV_LAYOUTS = {"dense": (0, ()), "latent-v": (1, ("v_proj",)), "latent-kv": (3, ("k_proj", "v_proj"))}
 
 # HF linear (relative to model.layers.N) -> GGUF base name
 LINEARS = {
@@ -154,8 +158,24 @@ def _hf_tokenizer_metadata(folder: Path, writer, vocab_size: int) -> None:
             writer.add_chat_template(jinja.read_text())
 
 
+def check_kv_cache(kv_cache: str, ranks: dict[str, int], n_layer: int, where: str) -> int:
+    """The layout bits for ``kv_cache``; a latent cache needs every layer's projection factorized
+    (its A·x is what is cached), so anything else is refused rather than silently run dense."""
+    if kv_cache not in KV_LAYOUTS:
+        raise SwiftSVDError(f"unknown --kv-cache {kv_cache!r}; choose one of {', '.join(KV_LAYOUTS)}")
+    bits, needed = KV_LAYOUTS[kv_cache]
+    for proj in needed:
+        dense = [i for i in range(n_layer) if f"model.layers.{i}.self_attn.{proj}" not in ranks]
+        if dense:
+            shown = ", ".join(map(str, dense[:8])) + (" ..." if len(dense) > 8 else "")
+            raise SwiftSVDError(f"{where}: --kv-cache {kv_cache} needs {proj} factorized in every layer, "
+                                f"but it is dense in layers {shown}")
+    return bits
+
+
 def export_gguf(model_dir: str | Path, output: str | Path, factor_type: str = "f16",
-                embed_type: str = "f16", overwrite: bool = False, quiet: bool = False) -> ExportSummary:
+                embed_type: str = "f16", overwrite: bool = False, quiet: bool = False,
+                kv_cache: str = "dense") -> ExportSummary:
     import gguf
 
     folder = Path(model_dir)
@@ -187,6 +207,7 @@ def export_gguf(model_dir: str | Path, output: str | Path, factor_type: str = "f
                or n.split(".", 3)[3] not in LINEARS]
     if unknown:
         raise SwiftSVDError(f"{folder}: low-rank modules the GGUF target cannot place: {unknown[:3]}")
+    kv_bits = check_kv_cache(kv_cache, ranks, n_layer, str(folder))
 
     w = _Weights(folder)
     summary = ExportSummary(path=Path(output))
@@ -215,6 +236,9 @@ def export_gguf(model_dir: str | Path, output: str | Path, factor_type: str = "f
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         if ranks:
             writer.add_uint32(LOWRANK_KEY, LOWRANK_VERSION)
+        if kv_bits:
+            writer.add_key_value(KV_LAYOUT_KEY, [kv_bits] * n_layer, gguf.GGUFValueType.ARRAY,
+                                 sub_type=gguf.GGUFValueType.UINT32)
         _hf_tokenizer_metadata(folder, writer, vocab_size)
 
         def add(name: str, arr: np.ndarray, qtype) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 PRECISIONS = ("fp32", "fp16")
 QUANTIZE = ("none", "int8", "int4", "int8-dynamic")
+KV_CACHE_LAYOUTS = ("dense", "latent-v", "latent-kv")  # checked again by export_onnx (latent_kv.LAYOUTS)
 
 
 def add_export_arguments(group) -> None:
@@ -28,7 +29,8 @@ def run_export(args) -> int:
     from .export import export_onnx
 
     export_onnx(args.model_dir, args.output, precision=args.precision, quantize=args.quantize,
-                block_size=args.block_size, mobile=args.mobile, overwrite=args.overwrite)
+                block_size=args.block_size, mobile=args.mobile, overwrite=args.overwrite,
+                kv_cache=getattr(args, "kv_cache", "dense"))
     return 0
 
 

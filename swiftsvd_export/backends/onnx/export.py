@@ -6,11 +6,14 @@ Output folder::
                                past_key_values.{i}.key/value -> logits, present.{i}.key/value)
     config.json, generation_config.json, tokenizer files
     model.ort, required_operators.config        (with --mobile)
-    summary.json               precision, quantization, sizes, graph checks, mobile operators
+    summary.json               precision, quantization, sizes, graph checks, mobile operators,
+                               KV cache layout and its bytes per token
 
-The graph comes from optimum's exporter (task ``text-generation-with-past``) run on the
-in-memory low-rank model, so a ``LowRankLinear`` lowers to two MatMuls and the I/O is exactly
-what ``optimum.onnxruntime.ORTModelForCausalLM`` expects.
+With the dense KV cache (default) the graph comes from optimum's exporter (task
+``text-generation-with-past``) run on the in-memory low-rank model, so a ``LowRankLinear``
+lowers to two MatMuls and the I/O is exactly what ``optimum.onnxruntime.ORTModelForCausalLM``
+expects. A latent cache (``kv_cache="latent-v"`` or ``"latent-kv"``) needs past/present shapes
+optimum cannot size; that graph is traced from the torch reference (``latent_export.py``).
 """
 from __future__ import annotations
 
@@ -22,7 +25,9 @@ from pathlib import Path
 
 from ...atomic import atomic_dir, check_output
 from ...errors import SwiftSVDError
-from .graph import check_pairs, initializer_bytes, ort_optimized, shape_counts
+from ...latent_kv import LAYOUTS, check_layout, kv_bytes_per_token
+from .graph import PairReport, check_pairs, initializer_bytes, ort_optimized, shape_counts
+from .latent_export import METADATA_KEY, check_latent_pairs, export_traced_graph, write_layout
 from .quantize import check_block_size, quantize_int8_dynamic, quantize_nbits, save_model, to_fp16
 
 log = logging.getLogger(__name__)
@@ -32,7 +37,9 @@ QUANTIZE = ("none", "int8", "int4", "int8-dynamic")
 TASK = "text-generation-with-past"
 
 
-def validate_options(precision: str, quantize: str, block_size: int | None) -> None:
+def validate_options(precision: str, quantize: str, block_size: int | None, kv_cache: str = "dense") -> None:
+    if kv_cache not in LAYOUTS:
+        raise SwiftSVDError(f"unknown KV cache layout {kv_cache!r}; choose one of {', '.join(LAYOUTS)}")
     if precision not in PRECISIONS:
         raise SwiftSVDError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if quantize not in QUANTIZE:
@@ -131,21 +138,33 @@ def fuse_tied_head(model) -> int:
     return rewritten
 
 
+def _check(graph, factors: dict[str, tuple[int, int, int]], kv_cache: str, config) -> PairReport:
+    if kv_cache == "dense":
+        return check_pairs(graph, factors)
+    return check_latent_pairs(graph, factors, config)
+
+
 def _files_size(folder: Path, names) -> int:
     return sum((folder / n).stat().st_size for n in names if (folder / n).is_file())
 
 
 def export_onnx(model_dir: str | Path, output: str | Path, precision: str = "fp32", quantize: str = "none",
                 block_size: int | None = None, mobile: bool = False, overwrite: bool = False,
-                opset: int | None = None, model=None, tokenizer=None) -> dict:
+                opset: int | None = None, model=None, tokenizer=None, kv_cache: str = "dense",
+                traced: bool = False) -> dict:
     """Export ``model_dir`` to the folder ``output``; returns the summary written to summary.json.
+
+    ``kv_cache`` picks the cache layout (``latent_kv.LAYOUTS``); a latent layout on a model whose
+    cached projections are not factorized in every layer is refused, never exported dense.
+    ``traced`` exports a dense cache from the torch reference too (not optimum's graph): the
+    like-for-like baseline the KV-cache benchmark compares the latent graphs with.
 
     ``model``/``tokenizer`` may be passed to skip loading (tests, benchmarks); ``model_dir`` is
     then only recorded.
     """
     import onnx
 
-    validate_options(precision, quantize, block_size)
+    validate_options(precision, quantize, block_size, kv_cache)
     output = Path(output)
     check_output(output, overwrite)
     t0 = time.time()
@@ -157,10 +176,19 @@ def export_onnx(model_dir: str | Path, output: str | Path, precision: str = "fp3
     model = model.float().eval()
     factors = factor_shapes(model)
     config = model.config
+    ranks = {n: k for n, (_, _, k) in factors.items()}
+    check_layout(kv_cache, config, ranks)
+    own_graph = traced or kv_cache != "dense"  # traced from the torch reference, not optimum's exporter
 
     with atomic_dir(output, overwrite=overwrite) as tmp:
         raw_dir = tmp / ".raw"
-        raw = export_graph(model, raw_dir, opset=opset)
+        if not own_graph:
+            raw = export_graph(model, raw_dir, opset=opset)
+        else:
+            raw = export_traced_graph(model, raw_dir, kv_cache, opset=opset)
+            config.save_pretrained(raw_dir)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(raw_dir)
         for name in ("config.json", "generation_config.json"):
             if (raw_dir / name).is_file():
                 shutil.move(str(raw_dir / name), tmp / name)
@@ -189,10 +217,12 @@ def export_onnx(model_dir: str | Path, output: str | Path, precision: str = "fp3
             tokenizer.save_pretrained(tmp)
 
         graph = onnx.load(str(final), load_external_data=False)
-        before = check_pairs(graph, factors)
+        if own_graph and not any(p.key == METADATA_KEY for p in graph.metadata_props):
+            graph = write_layout(final, kv_cache)  # a quantizer or converter dropped the metadata
+        before = _check(graph, factors, kv_cache, config)
         before_shapes = shape_counts(graph, factors)
         after_model = ort_optimized(final)
-        after = check_pairs(after_model, factors)
+        after = _check(after_model, factors, kv_cache, config)
         if not before.ok or not after.ok:
             which = "exported" if not before.ok else "ORT-optimized"
             probs = (before if not before.ok else after).problems
@@ -206,11 +236,15 @@ def export_onnx(model_dir: str | Path, output: str | Path, precision: str = "fp3
         summary = {
             "format": "swiftsvd-onnx", "format_version": 1,
             "source": str(model_dir), "task": TASK,
+            "graph_from": "torch-reference" if own_graph else "optimum",
             "model_type": config.model_type, "num_hidden_layers": config.num_hidden_layers,
             "precision": precision, "quantization": quant_info,
             "lowrank": bool(factors), "factorized_linears": len(factors),
             "tied_head_as_fusedmatmul": bool(fused_head),
-            "ranks": {n: k for n, (_, _, k) in factors.items()},
+            "ranks": ranks,
+            "kv_cache": {"layout": kv_cache, "metadata_key": METADATA_KEY,
+                         "bytes_per_token_fp32": kv_bytes_per_token(config, ranks, kv_cache),
+                         "dense_bytes_per_token_fp32": kv_bytes_per_token(config, ranks, "dense")},
             "files": {"onnx": onnx_files, "onnx_bytes": _files_size(tmp, onnx_files)},
             "initializer_bytes": initializer_bytes(graph),
             "graph_check": {"exported": before.to_dict(), "exported_shapes": before_shapes,

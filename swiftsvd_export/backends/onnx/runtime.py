@@ -1,8 +1,11 @@
 """The project's own generation loop on plain onnxruntime (no optimum, no torch).
 
 The exported decoder takes ``input_ids``, ``attention_mask``, ``position_ids`` and
-``past_key_values.{i}.key/value`` (batch, kv_heads, past_len, head_dim) and returns ``logits``
-and ``present.{i}.key/value`` (past_len + new tokens). Prefill passes an empty cache
+``past_key_values.{i}.key/value`` and returns ``logits`` and ``present.{i}.key/value``
+(past_len + new tokens). The cache shapes are read from the graph: (batch, kv_heads, past_len,
+head_dim) for a dense cache, (batch, 1, past_len, rank) for a latent one (the layout is in the
+model metadata, ``swiftsvd.kv_cache``); a ``latent-kv`` graph also takes ``past_position_ids``,
+the positions of the cached cells, to rotate the keys it rebuilds. Prefill passes an empty cache
 (past_len = 0); each decode step feeds the previous ``present`` back as ``past`` as OrtValues,
 so the cache is not copied through numpy between steps.
 """
@@ -19,6 +22,7 @@ import numpy as np
 from ...errors import SwiftSVDError
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+_LAYOUT_KEY = "swiftsvd.kv_cache"
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
@@ -62,17 +66,20 @@ class OrtDecoder:
         if missing:
             raise SwiftSVDError(f"{path}: graph lacks outputs {missing[:3]}")
         self.output_names = ["logits"] + self.present_names
-        first = inputs[self.past_names[0]]
-        self.kv_dtype = _ORT_TYPES.get(first.type, np.float32)
-        shape = first.shape  # [batch, kv_heads, past_len, head_dim], some dims symbolic
+        self.layout = self.session.get_modelmeta().custom_metadata_map.get(_LAYOUT_KEY, "dense")
         cfg = self._config()
-        kv_heads = shape[1] if isinstance(shape[1], int) else cfg.get("num_key_value_heads",
-                                                                         cfg.get("num_attention_heads"))
-        head_dim = shape[3] if isinstance(shape[3], int) else (
-            cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
-        self.kv_heads, self.head_dim = int(kv_heads), int(head_dim)
+        # (heads, width) of each cache entry, from the graph; symbolic dims (optimum) from the config
+        dense = (cfg.get("num_key_value_heads", cfg.get("num_attention_heads")),
+                 cfg.get("head_dim") or cfg.get("hidden_size", 0) // max(cfg.get("num_attention_heads", 1), 1))
+        self.cache_shapes = []
+        for name in self.past_names:
+            shape = inputs[name].shape
+            self.cache_shapes.append(tuple(int(shape[d]) if isinstance(shape[d], int) else int(dense[j])
+                                           for j, d in enumerate((1, 3))))
+        self.kv_dtype = _ORT_TYPES.get(inputs[self.past_names[0]].type, np.float32)
         self.has_position_ids = "position_ids" in inputs
         self.has_attention_mask = "attention_mask" in inputs
+        self.has_past_positions = "past_position_ids" in inputs
         eos = cfg.get("eos_token_id")
         gen = folder / "generation_config.json"
         if gen.is_file():
@@ -86,8 +93,12 @@ class OrtDecoder:
     def empty_cache(self, batch: int = 1) -> list:
         import onnxruntime as ort
 
-        z = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.kv_dtype)
-        return [ort.OrtValue.ortvalue_from_numpy(z) for _ in self.past_names]
+        return [ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, h, 0, w), dtype=self.kv_dtype))
+                for h, w in self.cache_shapes]
+
+    def bytes_per_token(self) -> int:
+        """KV cache bytes one token adds, from the graph's cache shapes."""
+        return np.dtype(self.kv_dtype).itemsize * sum(h * w for h, w in self.cache_shapes)
 
     def step(self, ids: np.ndarray, cache: list | None, past_len: int) -> tuple[np.ndarray, list]:
         """Run ``ids`` (batch, T) after ``past_len`` cached tokens; returns (logits (batch, T, V), new cache)."""
@@ -103,6 +114,9 @@ class OrtDecoder:
         if self.has_position_ids:
             pos = np.broadcast_to(np.arange(past_len, past_len + t, dtype=np.int64), (b, t)).copy()
             feed["position_ids"] = ort.OrtValue.ortvalue_from_numpy(pos)
+        if self.has_past_positions:
+            past_pos = np.broadcast_to(np.arange(past_len, dtype=np.int64), (b, past_len)).copy()
+            feed["past_position_ids"] = ort.OrtValue.ortvalue_from_numpy(past_pos)
         feed.update(zip(self.past_names, cache))
         out = self.session.run_with_ort_values(self.output_names, feed)
         return out[0].numpy(), list(out[1:])
@@ -209,6 +223,6 @@ def generate_cli(args) -> int:
                      on_token=on_token)
     sys.stdout.write("\n")
     mode = "greedy" if args.temperature <= 0 else f"sampled T={args.temperature} top-p={args.top_p} seed={args.seed}"
-    print(f"[onnxruntime {mode}] prompt {r['prompt_tokens']} tok, prefill {r['prefill_tok_s']:.1f} tok/s; "
-          f"generated {len(r['tokens'])} tok, decode {r['decode_tok_s']:.1f} tok/s", file=sys.stderr)
+    print(f"[onnxruntime {mode}, kv-cache {dec.layout}] prompt {r['prompt_tokens']} tok, "
+          f"prefill {r['prefill_tok_s']:.1f} tok/s; generated {len(r['tokens'])} tok, decode {r['decode_tok_s']:.1f} tok/s", file=sys.stderr)
     return 0

@@ -1,0 +1,278 @@
+"""Compressed (latent) KV cache for a low-rank Llama: the torch reference and parity oracle.
+
+With k_proj = B_K·A_K and v_proj = B_V·A_V factorized, the rank-k latents A_K·x and A_V·x
+carry everything K and V hold, so a cache of latents is (k_K + k_V)/(2·d_kv) of a dense one.
+Layouts (per layer; batch and sequence axes omitted):
+
+- ``dense``: key (kv_heads, head_dim) after RoPE, value (kv_heads, head_dim) — the usual cache;
+- ``latent-v``: key as dense, value = A_V·x (1, k_V), shared by all heads. Attention computes
+  softmax(QKᵀ)·latent, then B_V per head (B_V as (kv_heads, head_dim, k_V); each query head uses
+  its kv group's slice), like llama.cpp deepseek2's ``v_mla``. By associativity this equals
+  softmax(QKᵀ)·V; a bias b_V passes through unchanged because softmax rows sum to 1;
+- ``latent-kv``: also key = A_K·x (1, k_K). Every step reconstructs K = B_K·latent for all cached
+  positions and applies RoPE at each cell's position (RoPE depends on the key position, so B_K
+  cannot be folded into the query). The positions of the cached cells are an input.
+
+``LatentLlama`` runs a transformers Llama with LowRankLinear modules (``lowrank.load``) under
+one of these layouts, sharing its weights; ``torch.onnx.export`` traces the same module, so the
+ONNX graph and this reference are one piece of code.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .architectures import spec_for
+from .errors import SwiftSVDError
+from .lowrank import LowRankLinear
+
+LAYOUTS = ("dense", "latent-v", "latent-kv")
+_NEEDS = {"dense": (), "latent-v": ("v_proj",), "latent-kv": ("k_proj", "v_proj")}
+
+
+def _cfg(config, key: str, default=None):
+    return config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)
+
+
+def head_dim(config) -> int:
+    return int(_cfg(config, "head_dim") or _cfg(config, "hidden_size") // _cfg(config, "num_attention_heads"))
+
+
+def check_layout(layout: str, config, ranks: dict[str, int]) -> None:
+    """Refuse a latent layout unless the projections it caches are factorized in every layer.
+
+    ``config`` is a transformers config or its dict; module names are Llama's (the registry's only
+    architecture, checked by ``LatentLlama``)."""
+    if layout not in LAYOUTS:
+        raise SwiftSVDError(f"unknown KV cache layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    needs = _NEEDS[layout]
+    missing = [f"model.layers.{i}.self_attn.{p}" for i in range(int(_cfg(config, "num_hidden_layers")))
+               for p in needs if f"model.layers.{i}.self_attn.{p}" not in ranks]
+    if missing:
+        more = f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise SwiftSVDError(f"KV cache layout {layout!r} needs {' and '.join(needs)} factorized in every layer; "
+                            f"not factorized: {missing[0]}{more}")
+
+
+def cache_shapes(config, ranks: dict[str, int], layout: str) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """Per layer, the (key, value) cache shapes without the batch and sequence axes: (heads, width)."""
+    check_layout(layout, config, ranks)
+    dense = (int(_cfg(config, "num_key_value_heads") or _cfg(config, "num_attention_heads")), head_dim(config))
+    out = []
+    for i in range(int(_cfg(config, "num_hidden_layers"))):
+        attn = f"model.layers.{i}.self_attn"
+        key = (1, ranks[f"{attn}.k_proj"]) if layout == "latent-kv" else dense
+        value = (1, ranks[f"{attn}.v_proj"]) if layout != "dense" else dense
+        out.append((key, value))
+    return out
+
+
+def kv_bytes_per_token(config, ranks: dict[str, int], layout: str, itemsize: int = 4) -> int:
+    """KV cache bytes one token adds, summed over layers, computed from the shapes."""
+    return itemsize * sum(k[0] * k[1] + v[0] * v[1] for k, v in cache_shapes(config, ranks, layout))
+
+
+def model_ranks(model: nn.Module) -> dict[str, int]:
+    return {n: m.rank for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as transformers' Llama applies it: x·cos + rotate_half(x)·sin (cos/sin: batch, seq, head_dim)."""
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos.unsqueeze(1) + rot * sin.unsqueeze(1)
+
+
+class HeadwiseB(nn.Module):
+    """B_V applied per query head to softmax(QKᵀ)·latent: (b, heads, t, k) -> (b, heads, t, head_dim).
+
+    One batched MatMul with B_V viewed as (kv_heads, k, head_dim): the query heads of kv group g
+    (consecutive, as in transformers' ``repeat_kv``) all use slice g.
+    """
+
+    def __init__(self, b: nn.Linear, kv_heads: int, head_dim: int):
+        super().__init__()
+        self.weight, self.bias = b.weight, b.bias
+        self.kv_heads, self.head_dim, self.rank = kv_heads, head_dim, b.in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, t, _ = x.shape
+        w = self.weight.view(self.kv_heads, self.head_dim, self.rank).transpose(1, 2)
+        y = x.reshape(b, self.kv_heads, -1, self.rank) @ w
+        if self.bias is not None:
+            y = y + self.bias.view(self.kv_heads, 1, self.head_dim)
+        return y.reshape(b, h, t, self.head_dim)
+
+
+class LatentValue(nn.Module):
+    """v_proj under a latent layout: caches A_V·x; B_V comes after attention, per head."""
+
+    def __init__(self, v_proj: LowRankLinear, kv_heads: int, head_dim: int):
+        super().__init__()
+        self.A, self.B = v_proj.A, HeadwiseB(v_proj.B, kv_heads, head_dim)
+
+    def forward(self, x: torch.Tensor, probs: torch.Tensor, past: torch.Tensor):
+        """probs (b, heads, t, s), past (b, 1, s - t, k) -> (attention output per head, present latent)."""
+        present = torch.cat([past, self.A(x).unsqueeze(1)], dim=2)
+        return self.B(probs @ present), present
+
+
+class LatentKey(nn.Module):
+    """k_proj under ``latent-kv``: caches A_K·x, rebuilds K = B_K·latent at every key position, rotates it."""
+
+    def __init__(self, k_proj: LowRankLinear, kv_heads: int, head_dim: int):
+        super().__init__()
+        self.A, self.B = k_proj.A, k_proj.B
+        self.kv_heads, self.head_dim = kv_heads, head_dim
+
+    def forward(self, x: torch.Tensor, past: torch.Tensor, rope_k: tuple[torch.Tensor, torch.Tensor]):
+        """past (b, 1, s - t, k) -> (rotated keys (b, kv_heads, s, head_dim), present latent)."""
+        present = torch.cat([past, self.A(x).unsqueeze(1)], dim=2)
+        b, _, s, _ = present.shape
+        k = self.B(present.squeeze(1)).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        return rotate(k, *rope_k), present
+
+
+class LatentAttention(nn.Module):
+    """Llama self-attention over a cache in one of ``LAYOUTS``; projections shared with the source model.
+
+    The cached projections are wrapped (``LatentKey``, ``LatentValue``) under their own names, so
+    an exported graph keeps their MatMuls under ``k_proj/A``, ``v_proj/B``, ... as the checks expect.
+    """
+
+    def __init__(self, attn: nn.Module, config, layout: str):
+        super().__init__()
+        self.layout = layout
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim, self.scaling = head_dim(config), attn.scaling
+        self.q_proj, self.o_proj = attn.q_proj, attn.o_proj
+        self.k_proj = LatentKey(attn.k_proj, self.kv_heads, self.head_dim) if layout == "latent-kv" else attn.k_proj
+        self.v_proj = attn.v_proj if layout == "dense" else LatentValue(attn.v_proj, self.kv_heads, self.head_dim)
+
+    def _heads(self, y: torch.Tensor, n: int) -> torch.Tensor:
+        b, t, _ = y.shape
+        return y.view(b, t, n, self.head_dim).transpose(1, 2)
+
+    def forward(self, x, rope_q, rope_k, mask, past_k, past_v):
+        """rope_q: (cos, sin) at the new positions; rope_k: at every key position (latent-kv only)."""
+        b, t, _ = x.shape
+        q = rotate(self._heads(self.q_proj(x), self.heads), *rope_q)
+        if self.layout == "latent-kv":
+            k, present_k = self.k_proj(x, past_k, rope_k)
+        else:
+            present_k = torch.cat([past_k, rotate(self._heads(self.k_proj(x), self.kv_heads), *rope_q)], dim=2)
+            k = present_k
+        s = k.shape[2]
+        # query heads grouped by kv head: (b, kv_heads, heads/kv_heads * t, head_dim), no K/V copies
+        qg = q.reshape(b, self.kv_heads, -1, self.head_dim)
+        scores = (qg @ k.transpose(2, 3)).view(b, self.heads, t, s) * self.scaling + mask
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        if self.layout == "dense":
+            present_v = torch.cat([past_v, self._heads(self.v_proj(x), self.kv_heads)], dim=2)
+            out = (probs.view(b, self.kv_heads, -1, s) @ present_v).view(b, self.heads, t, self.head_dim)
+        else:
+            out, present_v = self.v_proj(x, probs, past_v)
+        out = out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
+        return self.o_proj(out), present_k, present_v
+
+
+class LatentLayer(nn.Module):
+    def __init__(self, layer: nn.Module, config, layout: str):
+        super().__init__()
+        self.input_layernorm, self.post_attention_layernorm = layer.input_layernorm, layer.post_attention_layernorm
+        self.self_attn = LatentAttention(layer.self_attn, config, layout)
+        self.mlp = layer.mlp
+
+    def forward(self, h, rope_q, rope_k, mask, past_k, past_v):
+        a, pk, pv = self.self_attn(self.input_layernorm(h), rope_q, rope_k, mask, past_k, past_v)
+        h = h + a
+        return h + self.mlp(self.post_attention_layernorm(h)), pk, pv
+
+
+class LatentBackbone(nn.Module):
+    def __init__(self, model: nn.Module, layout: str):
+        super().__init__()
+        inner = model.model
+        self.embed_tokens, self.norm, self.rotary_emb = inner.embed_tokens, inner.norm, inner.rotary_emb
+        self.layers = nn.ModuleList(LatentLayer(layer, model.config, layout) for layer in inner.layers)
+
+    def forward(self, input_ids, attention_mask, position_ids, key_positions, past):
+        h = self.embed_tokens(input_ids)
+        rope_q = self.rotary_emb(h, position_ids)
+        rope_k = self.rotary_emb(h, key_positions) if key_positions is not None else None
+        mask = causal_mask(attention_mask, input_ids.shape[1], h.dtype)
+        present = []
+        for i, layer in enumerate(self.layers):
+            h, pk, pv = layer(h, rope_q, rope_k, mask, past[2 * i], past[2 * i + 1])
+            present += [pk, pv]
+        return self.norm(h), present
+
+
+class LatentLlama(nn.Module):
+    """A Llama forward with an explicit cache in one of ``LAYOUTS`` (module names match the source's).
+
+    ``forward(input_ids, attention_mask, position_ids, [past_position_ids,] *past)`` returns
+    ``(logits, *present)``; ``past``/``present`` are per layer (key, value), shapes from
+    ``cache_shapes`` with batch and sequence axes: (batch, heads, seq, width).
+    ``past_position_ids`` (batch, past_len), the positions of the cached cells, is taken only
+    by ``latent-kv``; ``attention_mask`` covers past and new tokens (batch, past_len + t).
+    """
+
+    def __init__(self, model: nn.Module, layout: str):
+        super().__init__()
+        spec_for(model.config)
+        self.ranks = model_ranks(model)
+        check_layout(layout, model.config, self.ranks)
+        self.layout, self.config = layout, model.config
+        self.model = LatentBackbone(model, layout)
+        self.lm_head = model.lm_head
+        self.shapes = cache_shapes(model.config, self.ranks, layout)
+
+    def cache_names(self) -> list[str]:
+        return [f"{i}.{kv}" for i in range(len(self.shapes)) for kv in ("key", "value")]
+
+    def empty_cache(self, batch: int = 1, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+        return [torch.zeros(batch, s[0], 0, s[1], dtype=dtype) for kv in self.shapes for s in kv]
+
+    def forward(self, input_ids, attention_mask, position_ids, *rest):
+        if self.layout == "latent-kv":
+            key_positions, past = torch.cat([rest[0], position_ids], dim=1), rest[1:]
+        else:
+            key_positions, past = None, rest
+        h, present = self.model(input_ids, attention_mask, position_ids, key_positions, past)
+        return (self.lm_head(h), *present)
+
+    @torch.no_grad()
+    def step(self, ids: torch.Tensor, cache: list[torch.Tensor] | None, past_len: int):
+        """Run ``ids`` (batch, t) after ``past_len`` cached tokens; returns (logits, new cache)."""
+        b, t = ids.shape
+        cache = self.empty_cache(b) if cache is None else cache
+        mask = torch.ones(b, past_len + t, dtype=torch.long)
+        pos = torch.arange(past_len, past_len + t).expand(b, t)
+        extra = [torch.arange(past_len).expand(b, past_len)] if self.layout == "latent-kv" else []
+        logits, *present = self(ids, mask, pos, *extra, *cache)
+        return logits, present
+
+
+def causal_mask(attention_mask: torch.Tensor, t: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask (batch, 1, t, past_len + t): new token i sees keys up to past_len + i, not padding."""
+    s = attention_mask.shape[1]
+    q_index = torch.arange(t, device=attention_mask.device) + (s - t)
+    k_index = torch.arange(s, device=attention_mask.device)
+    allowed = (k_index[None, :] <= q_index[:, None])[None, None] & attention_mask[:, None, None, :].bool()
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def latent_logits(latent: LatentLlama, ids: list[int]) -> torch.Tensor:
+    """Full-sequence logits (positions x vocab) of one sequence from an empty cache."""
+    return latent.step(torch.tensor([ids]), None, 0)[0][0]
+
+
+def latent_greedy(latent: LatentLlama, ids: list[int], n_new: int) -> list[int]:
+    """Greedy continuation of ``n_new`` tokens: prefill, then one token per step through the cache."""
+    logits, cache = latent.step(torch.tensor([ids]), None, 0)
+    out = [int(logits[0, -1].argmax())]
+    while len(out) < n_new:
+        logits, cache = latent.step(torch.tensor([[out[-1]]]), cache, len(ids) + len(out) - 1)
+        out.append(int(logits[0, -1].argmax()))
+    return out
