@@ -16,6 +16,14 @@ WIKI_TRAIN = SHARED / "wikitext2" / "wikitext-2-raw-v1.train.prefix1MB.txt"
 WIKI_TEST = SHARED / "wikitext2" / "wikitext-2-raw-v1.test.nnjoin.txt"
 
 
+def truncated_svd(linear: torch.nn.Linear, k: int):
+    """A LowRankLinear of ``linear``'s rank-k truncated SVD (A = V_kᵀ, B = U_k·S_k)."""
+    from swiftsvd_export.lowrank import LowRankLinear
+
+    U, S, Vh = torch.linalg.svd(linear.weight.data.double(), full_matrices=False)
+    return LowRankLinear.from_factors(Vh[:k].float(), (U[:, :k] * S[:k]).float())
+
+
 def make_tokenizer(out_dir: Path, vocab_size: int = 512):
     """A byte-level BPE trained on a slice of WikiText-2 train, saved as a transformers tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

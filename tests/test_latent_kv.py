@@ -20,21 +20,16 @@ from swiftsvd_export.backends.onnx.runtime import OrtDecoder
 from swiftsvd_export.errors import SwiftSVDError
 from swiftsvd_export.latent_kv import (LAYOUTS, LatentLlama, cache_shapes, kv_bytes_per_token, latent_greedy,
                                        latent_logits, model_ranks)
-from swiftsvd_export.lowrank import LowRankLinear, replace_module, save_lowrank
+from swiftsvd_export.lowrank import replace_module, save_lowrank
 from swiftsvd_export.torch_reference import torch_greedy, torch_logits
 
-from .conftest import make_tokenizer
+from .conftest import make_tokenizer, truncated_svd
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM = 64, 2, 4, 2, 16
 D_KV = KV_HEADS * HEAD_DIM
 RANKS = {"self_attn.q_proj": 32, "self_attn.k_proj": 8, "self_attn.v_proj": 12, "self_attn.o_proj": 24,
          "mlp.up_proj": 48, "mlp.down_proj": 32}
 LATENT = ("latent-v", "latent-kv")
-
-
-def truncated_svd(linear: torch.nn.Linear, k: int) -> LowRankLinear:
-    U, S, Vh = torch.linalg.svd(linear.weight.data.double(), full_matrices=False)
-    return LowRankLinear.from_factors(Vh[:k].float(), (U[:, :k] * S[:k]).float())
 
 
 def tiny_lowrank(ranks: dict[str, int], seed: int = 0):

@@ -20,8 +20,10 @@ from swiftsvd_export.backends.onnx.graph import MATMUL_OPS, check_pairs, matmul_
 from swiftsvd_export.backends.onnx.parity import compare_logits, parity, torch_logits
 from swiftsvd_export.backends.onnx.runtime import OrtDecoder, encode, load_tokenizer
 from swiftsvd_export.errors import SwiftSVDError
-from swiftsvd_export.lowrank import LowRankLinear, replace_module, save_lowrank
+from swiftsvd_export.lowrank import replace_module, save_lowrank
 from swiftsvd_export.models import load_model
+
+from .conftest import truncated_svd
 
 HIDDEN, INTER, LAYERS, HEADS, KV_HEADS = 64, 160, 2, 4, 2
 # Ranks: 32 and 48 are multiples of 16 (int4-quantizable B factors); 24 is not (stays fp32 in int4).
@@ -44,11 +46,6 @@ def make_tokenizer(folder: Path):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|endoftext|>")
     fast.save_pretrained(folder)
     return fast
-
-
-def truncated_svd(linear: torch.nn.Linear, k: int) -> LowRankLinear:
-    U, S, Vh = torch.linalg.svd(linear.weight.data.double(), full_matrices=False)
-    return LowRankLinear.from_factors((Vh[:k]).float(), (U[:, :k] * S[:k]).float())
 
 
 @pytest.fixture(scope="module")
