@@ -38,23 +38,71 @@ class _Stop(Exception):
     pass
 
 
+class BlockKwargs(dict):
+    """The keyword arguments block 0 gets, plus ``by_type``: those of the first block of every
+    attention type (``full_attention``, ``sliding_attention``), whose masks differ."""
+
+    by_type: dict[str, dict]
+
+
+def _attention_type(layer: nn.Module) -> str:
+    return getattr(layer, "attention_type", "full_attention")
+
+
+def kwargs_for(layer: nn.Module, kwargs: dict) -> dict:
+    """The keyword arguments for ``layer``: its attention type's (sliding-window mask or not)."""
+    by_type = getattr(kwargs, "by_type", None)
+    return by_type.get(_attention_type(layer), kwargs) if by_type else kwargs
+
+
+def _clean(kwargs: dict) -> dict:
+    return {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+
+
+@torch.no_grad()
+def _kwargs_by_type(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor) -> dict[str, dict]:
+    """Run one sequence up to the first block of the last new attention type, recording the
+    keyword arguments of the first block of each type (batch 1: masks broadcast over any batch)."""
+    first_of: dict[str, int] = {}
+    for i, layer in enumerate(layers):
+        first_of.setdefault(_attention_type(layer), i)
+    last = max(first_of.values())
+    saved: dict[str, dict] = {}
+    hooks = []
+    for kind, i in first_of.items():
+        def hook(_mod, _args, kwargs, kind=kind, stop=i == last):
+            saved[kind] = _clean(kwargs)
+            if stop:
+                raise _Stop
+        hooks.append(layers[i].register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        model(input_ids=ids[:1], use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+    return saved
+
+
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, spec: ArchSpec, ids: torch.Tensor,
-                         batch_size: int) -> tuple[torch.Tensor, dict]:
-    """Hidden states entering block 0 for all sequences, and the keyword arguments blocks get."""
+                         batch_size: int) -> tuple[torch.Tensor, BlockKwargs]:
+    """Hidden states entering block 0 for all sequences, and the keyword arguments blocks get
+    (``kwargs_for(layer, kwargs)`` picks a block's own, for models with sliding-window layers)."""
     layers = spec.layers(model)
-    hidden = torch.empty(ids.shape[0], ids.shape[1], model.config.hidden_size, dtype=torch.float32)
+    hidden_size = model.config.get_text_config().hidden_size
+    hidden = torch.empty(ids.shape[0], ids.shape[1], hidden_size, dtype=torch.float32)
     saved: dict = {}
     first = layers[0]
 
     class Catcher(nn.Module):
         def __init__(self):
             super().__init__()
-            self.attention_type = getattr(first, "attention_type", "full_attention")
+            self.attention_type = _attention_type(first)
 
         def forward(self, hidden_states, *args, **kwargs):
             saved["hidden"] = hidden_states
-            saved["kwargs"] = kwargs
             raise _Stop
 
     layers[0] = Catcher()
@@ -67,7 +115,9 @@ def capture_block_inputs(model: nn.Module, spec: ArchSpec, ids: torch.Tensor,
             hidden[start:start + batch_size] = saved["hidden"].float()
     finally:
         layers[0] = first
-    kwargs = {k: v for k, v in saved["kwargs"].items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+    by_type = _kwargs_by_type(model, layers, ids)
+    kwargs = BlockKwargs(by_type[_attention_type(first)])
+    kwargs.by_type = by_type
     return hidden, kwargs
 
 
@@ -79,6 +129,7 @@ def _block_output(out):
 def run_block(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, batch_size: int,
               out: torch.Tensor | None = None) -> torch.Tensor:
     out = torch.empty_like(hidden) if out is None else out
+    kwargs = kwargs_for(layer, kwargs)
     for start in range(0, hidden.shape[0], batch_size):
         out[start:start + batch_size] = _block_output(layer(hidden[start:start + batch_size], **kwargs))
     return out
@@ -112,6 +163,7 @@ def calibrate(model: nn.Module, spec: ArchSpec, ids: torch.Tensor, batch_size: i
     results: list[BlockStats] = []
     for i, layer in enumerate(tqdm(layers, desc="calibrating blocks", disable=not progress, unit="block")):
         t0 = time.perf_counter()
+        layer_kwargs = kwargs_for(layer, kwargs)
         grams: dict[str, torch.Tensor] = {}
         crosses: dict[str, torch.Tensor] = {}
         seen: dict[str, torch.Tensor] = {}
@@ -137,13 +189,13 @@ def calibrate(model: nn.Module, spec: ArchSpec, ids: torch.Tensor, batch_size: i
         try:
             for start in range(0, hidden.shape[0], batch_size):
                 x = hidden[start:start + batch_size]
-                y = _block_output(layer(x, **kwargs))
+                y = _block_output(layer(x, **layer_kwargs))
                 outs[start:start + batch_size] = y
                 if cross:  # the same dense block on the dense stream: X_cᵀX_d and the dense outputs
                     mode["dense"] = True
                     try:
                         xd = dense_hidden[start:start + batch_size]
-                        dense_outs[start:start + batch_size] = _block_output(layer(xd, **kwargs))
+                        dense_outs[start:start + batch_size] = _block_output(layer(xd, **layer_kwargs))
                     finally:
                         mode["dense"] = False
                 cos_sum += torch.nn.functional.cosine_similarity(x, y, dim=-1).double().sum().item()

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .architectures import spec_for
+from .architectures import REGISTRY, spec_for
 from .errors import SwiftSVDError
 from .lowrank import LowRankLinear
 
@@ -41,10 +41,15 @@ def head_dim(config) -> int:
 def check_layout(layout: str, config, ranks: dict[str, int]) -> None:
     """Refuse a latent layout unless the projections it caches are factorized in every layer.
 
-    ``config`` is a transformers config or its dict; module names are Llama's (the registry's only
-    architecture, checked by ``LatentLlama``)."""
+    ``config`` is a transformers config or its dict; module names are Llama's (latent layouts exist
+    for the registry entries with ``latent_kv`` only)."""
     if layout not in LAYOUTS:
         raise SwiftSVDError(f"unknown KV cache layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    model_type = _cfg(config, "model_type")
+    if layout != "dense" and not getattr(REGISTRY.get(model_type), "latent_kv", False):
+        supported = ", ".join(sorted(t for t, s in REGISTRY.items() if s.latent_kv))
+        raise SwiftSVDError(f"KV cache layout {layout!r} is not available for model_type {model_type!r} "
+                            f"(supported: {supported}); use the dense cache")
     needs = _NEEDS[layout]
     missing = [f"model.layers.{i}.self_attn.{p}" for i in range(int(_cfg(config, "num_hidden_layers")))
                for p in needs if f"model.layers.{i}.self_attn.{p}" not in ranks]
@@ -220,7 +225,9 @@ class LatentLlama(nn.Module):
 
     def __init__(self, model: nn.Module, layout: str):
         super().__init__()
-        spec_for(model.config)
+        if not spec_for(model.config).latent_kv:
+            raise SwiftSVDError(f"the torch reference with an explicit KV cache models Llama attention only; "
+                                f"model_type {model.config.model_type!r} is not supported")
         self.ranks = model_ranks(model)
         check_layout(layout, model.config, self.ranks)
         self.layout, self.config = layout, model.config

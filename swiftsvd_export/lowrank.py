@@ -160,7 +160,8 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
 def _materialize_buffers(model: nn.Module, config, dtype: torch.dtype) -> None:
     for name, module in model.named_modules():
         if hasattr(module, "inv_freq") and module.inv_freq.is_meta:
-            fresh = type(module)(config=config, device="cpu")
+            # a rotary module keeps the config it was built from (Gemma 3's local RoPE has its own theta)
+            fresh = type(module)(config=getattr(module, "config", config), device="cpu")
             replace_module(model, name, fresh)
     for name, buf in list(model.named_buffers()):
         if buf.is_meta:

