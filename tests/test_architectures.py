@@ -17,9 +17,9 @@ from swiftsvd_export.architectures import REGISTRY, spec_for
 from swiftsvd_export.compress import CompressConfig, compress_model
 from swiftsvd_export.covariance import capture_block_inputs, kwargs_for, run_block
 from swiftsvd_export.errors import SwiftSVDError
-from swiftsvd_export.lowrank import LowRankLinear, save_lowrank
+from swiftsvd_export.lowrank import LowRankLinear, replace_module, save_lowrank
 
-from .conftest import make_tokenizer
+from .conftest import make_tokenizer, truncated_svd
 
 VOCAB, HIDDEN, SEQLEN, WINDOW = 512, 64, 32, 8  # SEQLEN > WINDOW: sliding masks differ from causal
 FULL_RANK, LOW_RANK = 12, 6
@@ -178,3 +178,35 @@ def test_latent_kv_cache_is_refused_for_other_architectures():
 
     with pytest.raises(SwiftSVDError, match="not available for model_type 'qwen2'"):
         check_layout("latent-v", {"model_type": "qwen2", "num_hidden_layers": 1}, {})
+
+
+def test_gguf_export_refuses_gemma3_with_a_pointer(capsys, tokenizer, tmp_path):
+    """The llama.cpp patch runs pairs in the llama graph only: Gemma 3 is refused, nothing written."""
+    from swiftsvd_export.cli import main
+
+    model, spec = _model("gemma3_text")
+    save_lowrank(model, tmp_path / "g", dtype="fp32", tokenizer=tokenizer)
+    out = tmp_path / "g.gguf"
+    assert main(["export", "--target", "gguf", str(tmp_path / "g"), str(out)]) != 0
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "GGUF export supports model_type 'llama' only (found 'gemma3_text')" in err
+    assert "targets/llamacpp/README.md" in err
+    assert not out.exists() and not list(tmp_path.glob(".g.gguf*"))
+
+
+def test_gemma3_onnx_export_matches_torch_past_the_sliding_window(tokenizer, tmp_path):
+    """optimum's Gemma 3 graph on the low-rank model: paired MatMuls, and logits and greedy tokens
+    equal to torch over sequences longer than the sliding window (local and global layers)."""
+    from swiftsvd_export.backends.onnx.export import export_onnx
+    from swiftsvd_export.backends.onnx.parity import FP32_MAX_ABS_LOGIT, parity
+
+    model, spec = _model("gemma3_text", low_rank_weights=False)
+    for name in spec.linear_names(model):
+        replace_module(model, name, truncated_svd(model.get_submodule(name), LOW_RANK))
+    save_lowrank(model, tmp_path / "g", dtype="fp32", tokenizer=tokenizer)
+    summary = export_onnx(tmp_path / "g", tmp_path / "onnx")
+    assert summary["graph_check"]["ort_optimized"]["ok"]
+    assert summary["factorized_linears"] == len(spec.linear_names(model))
+    prompts = [list(range(3, 3 + 3 * WINDOW)), [5, 9, 200, 31]]
+    r = parity(load(tmp_path / "g"), tmp_path / "onnx", prompts, gen_tokens=2 * WINDOW)
+    assert r["max_abs_logit"] <= FP32_MAX_ABS_LOGIT and r["greedy_identical"], r

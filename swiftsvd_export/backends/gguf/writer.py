@@ -181,8 +181,10 @@ def export_gguf(model_dir: str | Path, output: str | Path, factor_type: str = "f
     folder = Path(model_dir)
     cfg = read_config(folder)
     if cfg.get("model_type") != "llama":
-        raise SwiftSVDError(f"{folder}: GGUF export supports model_type 'llama' only "
-                            f"(found {cfg.get('model_type')!r})")
+        raise SwiftSVDError(f"{folder}: GGUF export supports model_type 'llama' only (found "
+                            f"{cfg.get('model_type')!r}): the llama.cpp patch runs low-rank pairs in the llama "
+                            "graph only; targets/llamacpp/README.md ('Other architectures') says what "
+                            "Gemma 3 and the others need; use --target onnx for this model")
     qtypes = _qtypes()
     for what, t in (("factor type", factor_type), ("embedding type", embed_type)):
         if t not in qtypes:
