@@ -24,12 +24,13 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import __version__, distributed
 from .architectures import spec_for
 from .atomic import atomic_dir, check_output
 from .allocation import allocation_summary, dynamic_ranks, min_max_linear_params, uniform_ranks_for_budget
 from .calibration import DEFAULT_CALIBRATION, CalibrationSet, build_calibration
 from .covariance import BlockStats, calibrate
+from .devices import resolve_device
 from .errors import SwiftSVDError
 from .factorize import METHODS, PRECISIONS
 from .lowrank import DTYPES, LowRankLinear, replace_module, save_lowrank
@@ -71,6 +72,8 @@ class CompressConfig:
     cache: bool = True
     plots: bool = False
     refit: bool = False  # sequential only: least-squares refit of B against the dense outputs
+    device: str = "cpu"  # where the covariance pass and the decompositions run (cpu, cuda, cuda:N)
+    dist_timeout: float | None = None  # torch.distributed collective timeout, s (None: env or default)
 
     def validate(self) -> None:
         given = [x is not None for x in (self.ratio, self.ranks_file, self.target_bytes, self.max_ppl_increase)]
@@ -101,6 +104,8 @@ class CompressConfig:
             raise SwiftSVDError("--refit needs --sequential (without it the Swift-SVD factors are already optimal)")
         if self.holdout < 1 and (self.max_ppl_increase is not None or self.plots):
             raise SwiftSVDError(f"--holdout must be >= 1, got {self.holdout}")
+        resolve_device(self.device)
+        distributed.timeout_seconds(self.dist_timeout)
 
 
 @dataclass
@@ -188,7 +193,7 @@ def gather_stats(model, spec, calib: CalibrationSet, cfg: CompressConfig, source
         block = {}
         for group in spec.groups:
             weights = {prefix + lin: layer.get_submodule(lin).weight for lin in group.linears}
-            block.update(decompose_group(weights, stats.grams[group.name], cfg.method, cfg.precision))
+            block.update(decompose_group(weights, stats.grams[group.name], cfg.method, cfg.precision, device))
         stats.grams.clear()
         spectra.update(store.add(stats.index, block))
         del block
@@ -196,9 +201,10 @@ def gather_stats(model, spec, calib: CalibrationSet, cfg: CompressConfig, source
         timers["factorize_s"] += time.perf_counter() - t
 
     t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
     try:
         blocks = calibrate(model, spec, calib.ids, cfg.batch_size, on_block=on_block, sequential=False,
-                           progress=cfg.progress)
+                           progress=cfg.progress, device=device)
     except BaseException:
         shutil.rmtree(store.root, ignore_errors=True)
         raise
@@ -394,6 +400,7 @@ def compress_model(model, tokenizer, cfg: CompressConfig, ranks: dict[str, int] 
     calib = build_calibration(tokenizer, cfg.calib or DEFAULT_CALIBRATION, cfg.nsamples, cfg.seqlen, cfg.seed,
                               cfg.text_field, holdout=cfg.holdout if need_holdout else 0, cache=cfg.cache)
     holdout = calib.holdout
+    distributed.check_same(cfg, calib, model)
     timers["tokenize_s"] = time.perf_counter() - t_start
     if ranks is None and cfg.target_bytes is not None:
         budget, info = target_bytes_budget(model, shapes, cfg)  # fails fast, before calibrating
@@ -443,7 +450,8 @@ def compress_model(model, tokenizer, cfg: CompressConfig, ranks: dict[str, int] 
                                if prefix + lin in ranks}
                     if not weights:
                         continue
-                    spectra = decompose_group(weights, bstats.grams[group.name], cfg.method, cfg.precision)
+                    spectra = decompose_group(weights, bstats.grams[group.name], cfg.method, cfg.precision,
+                                              device)
                     for name, k in ((n, ranks[n]) for n in weights):
                         lin = name[len(prefix):]
                         old = layer.get_submodule(lin)
@@ -457,8 +465,9 @@ def compress_model(model, tokenizer, cfg: CompressConfig, ranks: dict[str, int] 
                                                                               dtype=old.weight.dtype))
                 seq_factorize += time.perf_counter() - t1
 
+            device = resolve_device(cfg.device)
             blocks = calibrate(model, spec, calib.ids, cfg.batch_size, on_block=on_block, sequential=True,
-                               progress=cfg.progress, cross=cfg.refit)
+                               progress=cfg.progress, cross=cfg.refit, device=device)
             timers["sequential_s"] = time.perf_counter() - t
             timers["factorize_s"] += seq_factorize
             if stats is None:
@@ -505,14 +514,18 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def compress(cfg: CompressConfig) -> dict:
-    """Run the whole job and write ``cfg.output`` atomically; returns the summary."""
+def compress(cfg: CompressConfig) -> dict | None:
+    """Run the whole job and write ``cfg.output`` atomically; returns the summary (None on the
+    ranks other than 0 under torchrun: they only calibrate their shard, see ``distributed``)."""
     cfg.validate()
+    if distributed.start(cfg.device, cfg.dist_timeout):
+        return distributed.follow(cfg)
     out = Path(cfg.output)
     check_output(out, cfg.overwrite)
     model, tokenizer, folder = load_model(cfg.model)
     result = compress_model(model, tokenizer, cfg, source=folder,
                             say=lambda msg: print(msg, file=sys.stderr, flush=True))
+    distributed.finish()
     manifest = build_manifest(cfg, result, str(folder))
     with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
         save_lowrank(model, tmp, cfg.dtype, manifest, tokenizer)

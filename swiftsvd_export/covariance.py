@@ -20,7 +20,9 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .architectures import ArchSpec
+from .devices import to_device
 from .errors import SwiftSVDError
 
 
@@ -121,6 +123,13 @@ def capture_block_inputs(model: nn.Module, spec: ArchSpec, ids: torch.Tensor,
     return hidden, kwargs
 
 
+def _kwargs_to(kwargs: BlockKwargs, device: torch.device | str) -> BlockKwargs:
+    """``kwargs`` (with its per-attention-type variants) moved to ``device``."""
+    moved = BlockKwargs(to_device(dict(kwargs), device))
+    moved.by_type = {kind: to_device(kw, device) for kind, kw in getattr(kwargs, "by_type", {}).items()}
+    return moved
+
+
 def _block_output(out):
     return out[0] if isinstance(out, tuple) else out
 
@@ -138,7 +147,8 @@ def run_block(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, batch_size: 
 @torch.no_grad()
 def calibrate(model: nn.Module, spec: ArchSpec, ids: torch.Tensor, batch_size: int = 8,
               on_block: Callable[[nn.Module, BlockStats], None] | None = None,
-              sequential: bool = False, progress: bool = True, cross: bool = False) -> list[BlockStats]:
+              sequential: bool = False, progress: bool = True, cross: bool = False,
+              device: torch.device | str = "cpu") -> list[BlockStats]:
     """Accumulate per-block input covariances over ``ids`` (n, seqlen).
 
     ``on_block(layer, stats)`` is called once block i's statistics are complete (it may
@@ -148,11 +158,19 @@ def calibrate(model: nn.Module, spec: ArchSpec, ids: torch.Tensor, batch_size: i
     ``cross`` (sequential only) also carries the dense model's hidden states alongside and
     stores, per input group, the cross-covariance X_cᵀ·X_d between the compressed-path input
     X_c and the dense input X_d in ``stats.extra["cross"]`` (for the least-squares refit of B).
+
+    ``device`` runs each block (moved there for its turn), the hidden states and the Gram
+    accumulators there; ``on_block`` gets the block and statistics back in host memory. Under
+    torch.distributed each rank calibrates its shard of ``ids`` and the sums are all-reduced
+    (see ``distributed``).
     """
     import time
 
+    distributed.begin_pass(sequential, cross)
+    ids = distributed.shard(ids)
     model.eval()
     hidden, kwargs = capture_block_inputs(model, spec, ids, batch_size)
+    hidden, kwargs = hidden.to(device), _kwargs_to(kwargs, device)
     if not torch.isfinite(hidden).all():
         raise SwiftSVDError("NaN or Inf in the activations entering block 0 (embeddings)")
     outs = torch.empty_like(hidden)
@@ -164,6 +182,8 @@ def calibrate(model: nn.Module, spec: ArchSpec, ids: torch.Tensor, batch_size: i
     for i, layer in enumerate(tqdm(layers, desc="calibrating blocks", disable=not progress, unit="block")):
         t0 = time.perf_counter()
         layer_kwargs = kwargs_for(layer, kwargs)
+        home = next(layer.parameters()).device
+        layer.to(device)
         grams: dict[str, torch.Tensor] = {}
         crosses: dict[str, torch.Tensor] = {}
         seen: dict[str, torch.Tensor] = {}
@@ -172,9 +192,9 @@ def calibrate(model: nn.Module, spec: ArchSpec, ids: torch.Tensor, batch_size: i
         for group in spec.groups:
             first = layer.get_submodule(group.linears[0])
             d = first.in_features
-            acc = grams[group.name] = torch.zeros(d, d, dtype=torch.float64)
+            acc = grams[group.name] = torch.zeros(d, d, dtype=torch.float64, device=hidden.device)
             if cross:
-                crosses[group.name] = torch.zeros(d, d, dtype=torch.float64)
+                crosses[group.name] = torch.zeros(d, d, dtype=torch.float64, device=hidden.device)
 
             def hook(_mod, args, acc=acc, gname=group.name):
                 x = args[0].reshape(-1, args[0].shape[-1]).float()
@@ -202,18 +222,23 @@ def calibrate(model: nn.Module, spec: ArchSpec, ids: torch.Tensor, batch_size: i
         finally:
             for h in hooks:
                 h.remove()
+        n_tokens = hidden.shape[0] * hidden.shape[1]
+        cos_sum, n_tokens = distributed.reduce_block(i, [*grams.values(), *crosses.values()], cos_sum, n_tokens)
         for group in spec.groups:
             if not torch.isfinite(grams[group.name]).all():
                 name = f"{spec.layers_path}.{i}.{group.linears[0]}"
                 raise SwiftSVDError(f"NaN or Inf in the activations at the input of {name}")
-        n_tokens = hidden.shape[0] * hidden.shape[1]
-        stats = BlockStats(i, grams, n_tokens, 1.0 - cos_sum / n_tokens, time.perf_counter() - t0)
+        stats = BlockStats(i, to_device(grams, home), n_tokens, 1.0 - cos_sum / n_tokens, time.perf_counter() - t0)
         if cross:
-            stats.extra["cross"] = crosses
+            stats.extra["cross"] = to_device(crosses, home)
+        layer.to(home)
         if on_block is not None:
             on_block(layer, stats)
             if sequential:
+                layer.to(device)
+                distributed.sync_block(layer)
                 run_block(layer, hidden, kwargs, batch_size, out=outs)
+                layer.to(home)
         if not torch.isfinite(outs).all():
             raise SwiftSVDError(f"NaN or Inf in the activations leaving block {i}")
         results.append(stats)

@@ -80,7 +80,7 @@ def _cholesky_with_jitter(G: torch.Tensor) -> tuple[torch.Tensor, float]:
         return L, 0.0
     lam_min = torch.linalg.eigvalsh(G)[0].item()
     shift = 1e-6 - lam_min
-    L, info = torch.linalg.cholesky_ex(G + shift * torch.eye(G.shape[0], dtype=G.dtype))
+    L, info = torch.linalg.cholesky_ex(G + shift * torch.eye(G.shape[0], dtype=G.dtype, device=G.device))
     if int(info) != 0:
         raise RuntimeError("Cholesky failed even after the jitter shift")
     return L, shift
@@ -92,7 +92,7 @@ class Whitening:
     def __init__(self, G: torch.Tensor):
         G = G.to(torch.float64)
         self.S, self.jitter = _cholesky_with_jitter(G)
-        eye = torch.eye(G.shape[0], dtype=G.dtype)
+        eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
         self.S_inv = torch.linalg.solve_triangular(self.S, eye, upper=False)
 
 

@@ -108,36 +108,38 @@ def _error_curve(W: torch.Tensor, G: torch.Tensor, L: torch.Tensor, R: torch.Ten
     cross = ((RG @ W.T) * L.T).sum(1)  # (R G Wᵀ L)_ii
     M = (L.T @ L) * (RG @ R.T)
     quad = M.cumsum(0).cumsum(1).diagonal()
-    curve = torch.empty(K + 1, dtype=torch.float64)
+    curve = torch.empty(K + 1, dtype=torch.float64, device=W.device)
     curve[0] = total
     curve[1:] = total - 2 * cross.cumsum(0) + quad
     return curve.clamp_min(0)
 
 
 def decompose_group(weights: dict[str, torch.Tensor], G: torch.Tensor, method: str,
-                    precision: str = "fp32") -> dict[str, LinearSpectrum]:
-    """LinearSpectrum (in memory) of every linear in ``weights``, which all read the input with Gram ``G``."""
+                    precision: str = "fp32", device: torch.device | str = "cpu") -> dict[str, LinearSpectrum]:
+    """LinearSpectrum (in host memory) of every linear in ``weights``, which all read the input with
+    Gram ``G``; the decompositions run on ``device``."""
     dtype = PRECISIONS[precision]
+    G = G.to(device)
     whitening = Whitening(G) if method == "whiten" else None
     Gw = G.to(dtype)
     out = {}
     for name, W in weights.items():
-        W = W.detach().to(dtype)
+        W = W.detach().to(device, dtype)
         m, n = W.shape
         K = max(break_even(m, n), 0)
         if method == "swift":
             lam, left = swift_basis(W, Gw, K)
-            values = lam.to(torch.float64)
-            out[name] = LinearSpectrum.in_memory(values, left, None, _tails(values, K))
+            values = lam.to(torch.float64).cpu()
+            out[name] = LinearSpectrum.in_memory(values, left.cpu(), None, _tails(values, K))
             continue
-        values = output_spectrum(W, Gw).to(torch.float64)  # for allocation
+        values = output_spectrum(W, Gw).to(torch.float64).cpu()  # for allocation
         if method == "whiten":
             left, right = whiten_basis(W, whitening, K)
         elif method == "svd":
             left, right = svd_basis(W, K)
         else:
             raise ValueError(f"unknown method {method!r}")
-        out[name] = LinearSpectrum.in_memory(values, left, right, _error_curve(W, G, left, right))
+        out[name] = LinearSpectrum.in_memory(values, left.cpu(), right.cpu(), _error_curve(W, G, left, right).cpu())
     return out
 
 
