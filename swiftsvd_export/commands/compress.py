@@ -23,7 +23,8 @@ def add_parser(sub) -> None:
                "  swiftsvd-export compress model.gguf out/m --ranks ranks.json --dtype bf16\n"
                f"  swiftsvd-export compress {DEFAULT_MODEL} out/smol-d --ratio 0.4 --allocation dynamic\n"
                f"  swiftsvd-export compress {DEFAULT_MODEL} out/smol-50m --target-bytes 50000000\n"
-               f"  swiftsvd-export compress {DEFAULT_MODEL} out/smol-p --max-ppl-increase 10 --allocation dynamic\n")
+               f"  swiftsvd-export compress {DEFAULT_MODEL} out/smol-p --max-ppl-increase 10 --allocation dynamic\n"
+               "  swiftsvd-export compress ./big-hf-model out/big --ratio 0.2 --max-memory 8GB\n")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help=f"{DEFAULT_MODEL} (embedded), a transformers folder, or a .gguf file")
     p.add_argument("output", help="output folder (written atomically)")
@@ -65,6 +66,12 @@ def add_parser(sub) -> None:
                         "model's outputs of that linear, A kept")
     p.add_argument("--rank-multiple", type=int, default=1, nargs="?", const=32,
                    help="round ranks down to a multiple (bare flag: 32, for kernels and quantized formats)")
+    p.add_argument("--stream", action="store_true",
+                   help="layer streaming: never load the whole model; one decoder block's weights at a time from "
+                        "the safetensors shards or GGUF, output written block by block (implied by --max-memory)")
+    p.add_argument("--max-memory", metavar="SIZE",
+                   help="peak RSS limit for layer streaming, e.g. 8GB or 7.5GiB (K/M/G = powers of 1000); "
+                        "activations spill to disk when they do not fit; below one block's needs it names the minimum")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)
@@ -80,6 +87,12 @@ def run(args) -> int:
                          allocation=args.allocation, alpha=args.alpha, holdout=args.holdout,
                          cache=args.cache, plots=args.plots, refit=args.refit,
                          precision=args.precision)
+    if args.stream or args.max_memory is not None:
+        from ..streaming import compress_streaming, format_streaming_summary
+
+        summary = compress_streaming(cfg, args.max_memory)
+        print(json.dumps(summary, indent=2) if args.json else format_streaming_summary(summary))
+        return 0
     summary = compress(cfg)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     return 0
