@@ -352,13 +352,14 @@ def compress_streaming(cfg: CompressConfig, max_memory: int | str | None = None)
     layer = spec.layers(model)[0]
     block_linears = {lin: tuple(layer.get_submodule(lin).weight.shape) for lin in spec.linears}
     groups = {g.name: layer.get_submodule(g.linears[0]).in_features for g in spec.groups}
-    plan = memory_budget.plan(budget, memory_budget.rss_bytes()[0], config, block_linears, groups,
-                              sum(p.numel() for p in layer.parameters()), cfg.nsamples, cfg.seqlen,
-                              cfg.batch_size, source.itemsize)
     if folder is None and cfg.cache:
         cfg.cache = False  # a GGUF source has no folder fingerprint to key the cache on
     calib = build_calibration(tokenizer, cfg.calib or DEFAULT_CALIBRATION, cfg.nsamples, cfg.seqlen, cfg.seed,
                               cfg.text_field, cache=cfg.cache)
+    release_free_heap()  # tokenizing leaves freed pages behind; the baseline is what stays
+    plan = memory_budget.plan(budget, memory_budget.rss_bytes()[0], config, block_linears, groups,
+                              sum(p.numel() for p in layer.parameters()), cfg.nsamples, cfg.seqlen,
+                              cfg.batch_size, source.itemsize)
     timers: dict[str, float] = {"tokenize_s": time.perf_counter() - t_start, "factorize_s": 0.0}
     choice: dict = {"allocation": cfg.allocation}
     if cfg.target_bytes is not None:
