@@ -133,3 +133,14 @@ def test_parse_size_rejects(text):
 def test_unsupported_options_are_refused(tiny_model_dir, calib_txt, tmp_path):
     with pytest.raises(SwiftSVDError, match="--sequential is not available with layer streaming"):
         compress_streaming(_cfg(tiny_model_dir, tmp_path / "o", calib_txt, sequential=True))
+
+
+def test_cli_max_memory_too_small_is_one_line(tiny_model_dir, calib_txt, tmp_path, capsys):
+    from swiftsvd_export.cli import main
+
+    out = tmp_path / "o"
+    code = main(["compress", str(tiny_model_dir), str(out), "--ratio", "0.4", "--calib", str(calib_txt),
+                 "--nsamples", "8", "--seqlen", "48", "--max-memory", "50MB"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and err[-1].startswith("swiftsvd-export compress: error: --max-memory 0.05 GiB is below")
+    assert not out.exists() and not list(tmp_path.glob(".o.tmp-*"))
