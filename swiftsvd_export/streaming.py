@@ -24,7 +24,6 @@ source is read directly (dequantized tensor by tensor); its statistics are not c
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -51,7 +50,6 @@ from .ranks import read_ranks_file
 from .safetensors_writer import SafetensorsWriter
 from .weights_source import GGUFSource, SafetensorsSource
 
-log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- source and skeleton

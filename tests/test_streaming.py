@@ -91,9 +91,15 @@ def test_gguf_source_and_exports_of_the_output(tiny_model_dir, calib_txt, tmp_pa
     s = compress_streaming(_cfg(gguf, tmp_path / "g", calib_txt))
     assert s["choice"]["stats_cache"] == "off"
     _same_weights(tmp_path / "st", tmp_path / "g")
-    # the streamed folder is an ordinary compressed folder for the GGUF exporter
+    # the streamed folder is an ordinary compressed folder for the GGUF and ONNX exporters
     summary = export_gguf(tmp_path / "st", tmp_path / "lr.gguf", factor_type="f16", quiet=True)
     assert summary.n_lowrank == 14
+    from swiftsvd_export.backends.onnx.export import export_onnx
+    from swiftsvd_export.backends.onnx.parity import parity
+
+    export_onnx(tmp_path / "st", tmp_path / "onnx")
+    r = parity(load(tmp_path / "st"), tmp_path / "onnx", [[1, 20, 33, 7, 99]], gen_tokens=8)
+    assert r["passed"], r
 
 
 def test_max_memory_below_one_block_names_the_minimum(tiny_model_dir, calib_txt, tmp_path):
