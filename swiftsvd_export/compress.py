@@ -161,10 +161,11 @@ def heldout_ppl(model, ids: torch.Tensor, batch_size: int = 4) -> float:
 
 
 def gather_stats(model, spec, calib: CalibrationSet, cfg: CompressConfig, source=None,
-                 timers: dict | None = None) -> ModelStats:
+                 timers: dict | None = None, run_pass=calibrate) -> ModelStats:
     """Decompositions of every compressible linear: from the cache when valid, else one
-    (non-sequential) calibration pass. The bases go to disk block by block (the cache entry
-    when ``cfg.cache``, else a temporary folder: ``ModelStats.close`` removes it)."""
+    (non-sequential) calibration pass (``run_pass``: ``calibrate``, or layer streaming's). The bases
+    go to disk block by block (the cache entry when ``cfg.cache``, else a temporary folder:
+    ``ModelStats.close`` removes it)."""
     timers = timers if timers is not None else {}
     path = meta = None
     if cfg.cache and source is not None:
@@ -203,8 +204,8 @@ def gather_stats(model, spec, calib: CalibrationSet, cfg: CompressConfig, source
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     try:
-        blocks = calibrate(model, spec, calib.ids, cfg.batch_size, on_block=on_block, sequential=False,
-                           progress=cfg.progress, device=device)
+        blocks = run_pass(model, spec, calib.ids, cfg.batch_size, on_block=on_block, sequential=False,
+                          progress=cfg.progress, device=device)
     except BaseException:
         shutil.rmtree(store.root, ignore_errors=True)
         raise

@@ -77,8 +77,9 @@ def _state_dict_for_saving(model: nn.Module, dtype: torch.dtype) -> dict[str, to
 
 
 def save_lowrank(model: nn.Module, out_dir: Path, dtype: str = "fp16",
-                 manifest: dict | None = None, tokenizer=None) -> None:
-    """Write a compressed model into ``out_dir`` (which the caller makes atomic)."""
+                 manifest: dict | None = None, tokenizer=None, weights: bool = True) -> None:
+    """Write a compressed model into ``out_dir`` (which the caller makes atomic). ``weights=False``
+    leaves model.safetensors to the caller (layer streaming writes it block by block)."""
     if dtype not in DTYPES:
         raise SwiftSVDError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     out_dir = Path(out_dir)
@@ -90,8 +91,9 @@ def save_lowrank(model: nn.Module, out_dir: Path, dtype: str = "fp16",
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out_dir)
-    save_file(_state_dict_for_saving(model, DTYPES[dtype]), str(out_dir / "model.safetensors"),
-              metadata={"format": "pt", "swiftsvd_format_version": str(FORMAT_VERSION)})
+    if weights:
+        save_file(_state_dict_for_saving(model, DTYPES[dtype]), str(out_dir / "model.safetensors"),
+                  metadata={"format": "pt", "swiftsvd_format_version": str(FORMAT_VERSION)})
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     if manifest is not None:

@@ -26,7 +26,8 @@ def add_parser(sub) -> None:
                f"  swiftsvd-export compress {DEFAULT_MODEL} out/smol-p --max-ppl-increase 10 --allocation dynamic\n"
                "  swiftsvd-export compress gemma3-270m out/gemma3-0.2 --ratio 0.2 --nsamples 32\n"
                f"  torchrun --nproc-per-node 2 -m swiftsvd_export.cli compress {DEFAULT_MODEL} out/smol-0.4 --ratio 0.4\n"
-               "  swiftsvd-export compress ./my-hf-model out/m --ratio 0.4 --device cuda\n")
+               "  swiftsvd-export compress ./my-hf-model out/m --ratio 0.4 --device cuda\n"
+               "  swiftsvd-export compress ./big-hf-model out/big --ratio 0.2 --max-memory 8GB\n")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help=f"{DEFAULT_MODEL} or gemma3-270m (embedded), a transformers folder, or a .gguf file")
     p.add_argument("output", help="output folder (written atomically)")
@@ -76,6 +77,12 @@ def add_parser(sub) -> None:
     p.add_argument("--dist-timeout", type=float, metavar="SECONDS",
                    help="under torchrun: how long a rank waits for the others before failing (default "
                         "$SWIFTSVD_DIST_TIMEOUT or 600); must exceed the time rank 0 spends factorizing one block")
+    p.add_argument("--stream", action="store_true",
+                   help="layer streaming: never load the whole model; one decoder block's weights at a time from "
+                        "the safetensors shards or GGUF, output written block by block (implied by --max-memory)")
+    p.add_argument("--max-memory", metavar="SIZE",
+                   help="peak RSS limit for layer streaming, e.g. 8GB or 7.5GiB (K/M/G = powers of 1000); "
+                        "activations spill to disk when they do not fit; below one block's needs it names the minimum")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)
@@ -91,6 +98,12 @@ def run(args) -> int:
                          allocation=args.allocation, alpha=args.alpha, holdout=args.holdout,
                          cache=args.cache, plots=args.plots, refit=args.refit,
                          precision=args.precision, device=args.device, dist_timeout=args.dist_timeout)
+    if args.stream or args.max_memory is not None:
+        from ..streaming import compress_streaming, format_streaming_summary
+
+        summary = compress_streaming(cfg, args.max_memory)
+        print(json.dumps(summary, indent=2) if args.json else format_streaming_summary(summary))
+        return 0
     summary = compress(cfg)
     if summary is None:  # a torchrun rank other than 0: it calibrated its shard, rank 0 writes
         return 0
