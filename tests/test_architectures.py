@@ -207,6 +207,7 @@ def test_gemma3_onnx_export_matches_torch_past_the_sliding_window(tokenizer, tmp
     summary = export_onnx(tmp_path / "g", tmp_path / "onnx")
     assert summary["graph_check"]["ort_optimized"]["ok"]
     assert summary["factorized_linears"] == len(spec.linear_names(model))
+    assert summary["tied_head_as_fusedmatmul"]  # the exporter's folded transposed copy is dropped
     prompts = [list(range(3, 3 + 3 * WINDOW)), [5, 9, 200, 31]]
     r = parity(load(tmp_path / "g"), tmp_path / "onnx", prompts, gen_tokens=2 * WINDOW)
     assert r["max_abs_logit"] <= FP32_MAX_ABS_LOGIT and r["greedy_identical"], r
