@@ -95,9 +95,45 @@ def _fix_gguf_tokenizer(tokenizer, gguf_path: Path):
     add_bos = field("tokenizer.ggml.add_bos_token")
     if add_bos is not None and hasattr(tokenizer, "add_bos_token"):
         tokenizer.add_bos_token = bool(add_bos)
+    if field("tokenizer.ggml.model") == "llama" and "tokenizer.ggml.merges" not in fields:
+        _spm_as_bpe(tokenizer, fields["tokenizer.ggml.tokens"].contents(),
+                    list(fields["tokenizer.ggml.token_type"].contents()))
     # The converter points vocab_file at the GGUF itself; saving would copy the whole model.
     tokenizer.vocab_file = None
     return tokenizer
+
+
+def _spm_as_bpe(tokenizer, tokens: list[str], token_types: list[int]) -> None:
+    """Re-run a GGUF SentencePiece vocabulary as the BPE it is for llama.cpp.
+
+    A GGUF ``llama`` vocabulary (Gemma 3's) holds pieces and scores only; llama.cpp tokenizes it by
+    merging the adjacent pair whose joined piece scores highest (SentencePiece BPE). transformers'
+    GGUF converter builds a Unigram model from those scores instead, which splits words into
+    near-single characters ("Robert" -> "R", "ob", "ert"). The merges are derived from the normal
+    pieces' scores (transformers' ``generate_merges``), keeping ids, added tokens, normalizer and
+    decoder; user-defined pieces ("\n\n", HTML tags) are matched whole in the raw text first, as
+    llama.cpp does.
+    """
+    from tokenizers import AddedToken
+    from tokenizers.models import BPE
+    from transformers.convert_slow_tokenizer import generate_merges
+
+    backend = tokenizer.backend_tokenizer
+    state = json.loads(backend.to_str())["model"]
+    if state.get("type") != "Unigram":
+        return
+    pieces = [piece for piece, _ in state["vocab"]]
+    normal = [(p, sc) for (p, sc), t in zip(state["vocab"], token_types) if t == 1]  # 1: NORMAL
+    vocab = {p: i for i, p in enumerate(pieces)}
+    merges = generate_merges({p: vocab[p] for p, _ in normal}, normal)
+    unk = pieces[state["unk_id"]] if state.get("unk_id") is not None else None
+    backend.model = BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=bool(state.get("byte_fallback")))
+    # 4: USER_DEFINED. Whitespace runs are stored as "▁" runs by the converter: match those after
+    # the normalizer (which turns spaces into "▁"), everything else on the raw text.
+    user = [AddedToken(raw, special=False, normalized=False) if raw == piece else
+            AddedToken(piece, special=False, normalized=True)
+            for raw, piece, kind in zip(tokens, pieces, token_types) if kind == 4]
+    tokenizer.add_tokens(user)
 
 
 def _gguf_cache_dir(gguf_path: Path) -> Path:

