@@ -72,8 +72,12 @@ def test_two_gloo_ranks_give_the_one_process_result(tiny_model_dir, calib_txt, t
     assert "rank 1 of 2: calibrated 4 of 8 sequences" in res[1][1]
     assert not (tmp_path / "two-r1").exists()  # only rank 0 writes the output ...
     assert not (caches[1] / "stats").exists()  # ... and the statistics cache
-    if "--sequential" not in mode:
-        assert len(list((caches[0] / "stats").glob("*/*/meta.json"))) == 1
+    if "--sequential" not in mode:  # absolute sums: double counting or a lost shard would show here
+        (entry_1,), (entry_2,) = ((c / "stats").glob("*/*/meta.json") for c in (tmp_path / "cache-1", caches[0]))
+        for f in sorted(entry_1.parent.glob("block-*.safetensors")):
+            s1, s2 = load_file(f), load_file(entry_2.parent / f.name)
+            values = [k for k in s1 if k.endswith("::values")]
+            assert values and all(torch.allclose(s1[k], s2[k], rtol=1e-9, atol=0) for k in values)
 
     one, two = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("one", "two"))
     assert two["calibration"]["token_sha256"] == one["calibration"]["token_sha256"]
@@ -83,9 +87,9 @@ def test_two_gloo_ranks_give_the_one_process_result(tiny_model_dir, calib_txt, t
     assert two["normalized_reconstruction_error"] == pytest.approx(one["normalized_reconstruction_error"], rel=1e-5)
     a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
     assert a.keys() == b.keys() and any(k.endswith(".A.weight") for k in a)
-    for k in a:
+    for k in a:  # float32 round-off of the largest entry (bitwise equal on this machine)
         scale = a[k].abs().max().item()
-        assert torch.allclose(a[k], b[k], rtol=0, atol=1e-4 * scale), (k, (a[k] - b[k]).abs().max().item(), scale)
+        assert torch.allclose(a[k], b[k], rtol=0, atol=1e-6 * scale), (k, (a[k] - b[k]).abs().max().item(), scale)
 
 
 def test_mismatched_calibration_or_settings_are_refused(tiny_model_dir, calib_txt, tmp_path):
