@@ -105,17 +105,14 @@ class GGUFSource:
     """Tensors of a GGUF file under their transformers names, dequantized one at a time."""
 
     def __init__(self, path: Path, model: torch.nn.Module):
+        """``path`` already passed ``models.check_gguf``; ``model`` is the skeleton whose names to map to."""
         from gguf import GGUFReader
-        from transformers.modeling_gguf_pytorch_utils import (
-            TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map, load_gguf_checkpoint)
-
-        from .models import check_gguf
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
         self.path = Path(path)
-        check_gguf(self.path)
         self.reader = GGUFReader(str(self.path))
-        parsed = load_gguf_checkpoint(str(self.path), return_tensors=False)
-        self._parsed = {"config": parsed.get("config", {}), "tensors": {}}
+        # the processors read head counts etc. from the config that transformers parsed from the GGUF
+        self._parsed = {"config": model.config.to_dict(), "tensors": {}}
         arch = self.reader.fields["general.architecture"].contents()
         self._processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=self._parsed["config"])
         self._mapping = get_gguf_hf_weights_map(model)  # gguf name -> transformers name

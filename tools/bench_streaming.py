@@ -179,6 +179,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--skip-smol", action="store_true")
     ap.add_argument("--skip-synth", action="store_true")
+    ap.add_argument("--minimum-only", action="store_true",
+                    help="SmolLM2: only the run at the stated minimum --max-memory (other rows kept from --out)")
     ap.add_argument("--synth-dir", default="/tmp/swiftsvd-synth-1.4b")
     ap.add_argument("--work", default="/tmp/swiftsvd-bench-streaming")
     ap.add_argument("--max-memory", default="8GB")
@@ -199,20 +201,20 @@ def main() -> int:
         if SMOL is None:
             raise SystemExit("SmolLM2-135M is not converted yet: run `swiftsvd-export compress smollm2-135m ...` once")
         smol = calib + ["--nsamples", "32", "--seqlen", "512"]
-        runs = [("in memory", [str(SMOL), str(work / "mem")] + smol),
-                ("stream (folder)", [str(SMOL), str(work / "st")] + smol + ["--stream"]),
-                ("stream (GGUF)", ["smollm2-135m", str(work / "gg")] + smol + ["--stream"])]
-        for name, args in runs:
-            rows.append(dict(run_compress(name, args, env), part="smollm2"))
+        runs = [("in memory", "mem", [str(SMOL), str(work / "mem")] + smol),
+                ("stream (folder)", "st", [str(SMOL), str(work / "st")] + smol + ["--stream"]),
+                ("stream (GGUF)", "gg", ["smollm2-135m", str(work / "gg")] + smol + ["--stream"])]
+        for name, d, args in runs if not a.minimum_only else ():
+            rows.append(dict(run_compress(name, args, env), part="smollm2", kind=d))
         probe = run_compress("probe", [str(SMOL), str(work / "x")] + smol + ["--max-memory", "1MB"], env)
         m = re.search(r"give at least --max-memory ([0-9.]+GiB)", probe.get("error", ""))
         if m:
             rows.append(dict(run_compress(f"stream --max-memory {m.group(1)} (the stated minimum)",
                                           [str(SMOL), str(work / "mn")] + smol + ["--max-memory", m.group(1)], env),
-                             part="smollm2", stated_minimum=m.group(1)))
-        for r, d in zip(rows[1:], ("st", "gg", "mn")):
-            if r["rc"] == 0:
-                r["vs_in_memory"] = same_weights(work / "mem", work / d)
+                             part="smollm2", kind="mn", stated_minimum=m.group(1), probe_error=probe.get("error")))
+        for r in rows:
+            if r["kind"] != "mem" and r["rc"] == 0 and (work / "mem").is_dir():
+                r["vs_in_memory"] = same_weights(work / "mem", work / r["kind"])
     if not a.skip_synth:
         synth = Path(a.synth_dir)
         if not (synth / "model.safetensors.index.json").is_file():
@@ -222,7 +224,8 @@ def main() -> int:
             print(f"wrote {synth} in {time.perf_counter() - t:.0f} s: {info.stdout.strip()}", file=sys.stderr)
         args = [str(synth), str(work / "synth-out")] + calib + [
             "--nsamples", str(a.synth_nsamples), "--seqlen", str(a.synth_seqlen), "--max-memory", a.max_memory]
-        rows.append(dict(run_compress(f"stream --max-memory {a.max_memory}", args, env), part="synthetic"))
+        rows.append(dict(run_compress(f"stream --max-memory {a.max_memory}", args, env), part="synthetic",
+                         kind="synth"))
     print(table(rows))
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -230,9 +233,10 @@ def main() -> int:
             "synthetic": dict(SYNTH, dtype="float16", tie_word_embeddings=False,
                               calibration=f"{a.synth_nsamples} x {a.synth_seqlen} WikiText-2 train"),
             "ratio": 0.2, "sampling": "VmRSS/VmHWM from /proc/PID/status every 50 ms"}
-    if out.exists() and (a.skip_smol or a.skip_synth):  # keep the other part's rows
-        old = json.loads(out.read_text())
-        rows = [r for r in old.get("rows", []) if r["part"] not in {r["part"] for r in rows}] + rows
+    if out.exists() and (a.skip_smol or a.skip_synth or a.minimum_only):  # keep the rows not rerun
+        done = {r["kind"] for r in rows}
+        rows = [r for r in json.loads(out.read_text()).get("rows", []) if r.get("kind") not in done] + rows
+        rows.sort(key=lambda r: ["mem", "st", "gg", "mn", "synth"].index(r.get("kind", "synth")))
     out.write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
     plot(rows, out.with_name(out.stem.replace("streaming", "streaming-rss") + ".png"),
          next((r["summary"]["streaming"]["max_memory"] for r in rows
