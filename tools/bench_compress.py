@@ -5,7 +5,7 @@ Setup: 64 x 512 tokens of WikiText-2 train (seed 0) for calibration; WikiText-2 
 perplexity. For every method (swift, whiten, svd) and ratio: factorization time, reconstruction error and
 perplexity. One calibration pass per ratio feeds
 all three methods (same covariances, same ranks); swift and whiten are timed alternately on each
-block's covariances. The covariance pass is timed against a bare forward over the same tokens,
+block's covariances. Perplexity is scored for every method at fp32 and for swift and whiten at fp64. The covariance pass is timed against a bare forward over the same tokens,
 alternated in one process. The real ``swiftsvd-export compress`` runs once alone, for peak RSS. Prints a Markdown table and writes JSON.
 
     python tools/bench_compress.py --out bench_out/compress.json
@@ -34,6 +34,29 @@ TEST = SHARED / "wikitext-2-raw-v1.test.nnjoin.txt"
 
 
 VARIANTS = (("swift", "fp32"), ("whiten", "fp32"), ("svd", "fp32"), ("swift", "fp64"), ("whiten", "fp64"))
+# Where swift's fp32 round-off comes from: C (or R·G·Rᵀ) formed at one precision, eigh at the other
+# (timed once, error only, no perplexity).
+PROBES = (("swift", "C fp32, eigh fp64"), ("swift", "C fp64, eigh fp32"))
+
+
+def swift_probe(W, G, k: int, form, solve):
+    """swift's factors with C formed in ``form`` and its eigh (and back-transform) in ``solve``."""
+    import torch
+
+    from swiftsvd_export.factorize import Factors
+
+    W, G = W.to(form), G.to(form)
+    out_f, in_f = W.shape
+    if out_f <= in_f:
+        U = torch.linalg.eigh((W @ G @ W.T).to(solve))[1].flip(-1)[:, :k].contiguous()
+    else:
+        a, tau = torch.geqrf(W)
+        R = a[:in_f].triu()
+        V = torch.linalg.eigh((R @ G @ R.T).to(solve))[1].flip(-1)[:, :k]
+        top = V.new_zeros(out_f, k)
+        top[:in_f] = V
+        U = torch.ormqr(a.to(solve), tau.to(solve), top)
+    return Factors(A=U.T @ W.to(solve), B=U)
 
 
 def child_joint(ratio: float, outdir: str, nsamples: int, seqlen: int, repeats: int) -> dict:
@@ -42,7 +65,8 @@ def child_joint(ratio: float, outdir: str, nsamples: int, seqlen: int, repeats: 
 
     swift and whiten are timed alternately on the same covariances (median of ``repeats``), so
     machine noise hits both alike; the calibration cost is the same pass for all methods. The
-    fp32 factors are saved for the perplexity runs (that is what ``compress`` builds).
+    fp32 factors (that is what ``compress`` builds) and the fp64 swift/whiten factors are saved
+    for the perplexity runs.
     """
     import copy
     import statistics
@@ -63,8 +87,11 @@ def child_joint(ratio: float, outdir: str, nsamples: int, seqlen: int, repeats: 
     calib = build_calibration(tok, TRAIN, nsamples, seqlen, 0)
     seconds = {v: 0.0 for v in VARIANTS}
     errors = {v: [0.0, 0.0] for v in VARIANTS}
-    factors = {v: {} for v in VARIANTS if v[1] == "fp32"}
+    factors = {v: {} for v in VARIANTS if v[0] != "svd" or v[1] == "fp32"}
     jitter = {v: 0 for v in VARIANTS}
+    for v in PROBES:
+        seconds[v], errors[v] = 0.0, [0.0, 0.0]
+    probe_dtypes = {v: tuple(PRECISIONS[p.split()[-1]] for p in v[1].split(", ")) for v in PROBES}
 
     inside = [0.0]
 
@@ -94,6 +121,14 @@ def child_joint(ratio: float, outdir: str, nsamples: int, seqlen: int, repeats: 
                     jitter[v] += f.jitter > 0
                     if v in factors:
                         factors[v][prefix + lin] = (f.A.float(), f.B.float())
+            for v in PROBES:
+                for lin, k in rk.items():
+                    t = time.perf_counter()
+                    f = swift_probe(weights[lin], G, k, *probe_dtypes[v])
+                    seconds[v] += time.perf_counter() - t
+                    e, n = reconstruction_error(weights[lin], f.B.double() @ f.A.double(), G)
+                    errors[v][0] += e
+                    errors[v][1] += n
 
     t = time.perf_counter()
     calibrate(model, spec, calib.ids, 8, on_block=on_block, progress=False)
@@ -101,18 +136,20 @@ def child_joint(ratio: float, outdir: str, nsamples: int, seqlen: int, repeats: 
     calibration_s = pass_s - inside[0]
     dense, after = param_count(shapes, ranks)
     runs = []
-    for v in VARIANTS:
+    for v in VARIANTS + PROBES:
         method, precision = v
         run = {"method": method, "precision": precision, "ratio": ratio, "factorize_s": seconds[v],
-               "normalized_error": errors[v][0] / errors[v][1], "cholesky_jitter_linears": jitter[v],
+               "normalized_error": errors[v][0] / errors[v][1], "cholesky_jitter_linears": jitter.get(v, 0),
                "achieved_ratio": 1 - after / dense}
+        if v in PROBES:
+            run["probe"] = "timed once, not alternated; error only"
         if v in factors:
             m = copy.deepcopy(model)
             for name, (A, B) in factors[v].items():
                 replace_module(m, name, LowRankLinear.from_factors(A, B))
-            save_lowrank(m, Path(outdir) / method, "fp32", tokenizer=tok)
+            save_lowrank(m, Path(outdir) / f"{method}-{precision}", "fp32", tokenizer=tok)
             del m
-            run["model_dir"] = str(Path(outdir) / method)
+            run["model_dir"] = str(Path(outdir) / f"{method}-{precision}")
         runs.append(run)
     return {"calibration_s": calibration_s, "repeats": repeats, "runs": runs}
 
