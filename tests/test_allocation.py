@@ -1,6 +1,8 @@
 """Issue 3: effective rank, dynamic allocation, the statistics cache and budgets."""
 import json
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -405,7 +407,7 @@ def test_loss_importance_is_cached_per_ratio_and_recomputed_when_garbled(tiny_mo
         ranks.setdefault(ratio, res.ranks)
         assert res.ranks == ranks[ratio]
     assert len(runs) == 2  # the third run (0.4 again) read the cache
-    path = next((tmp_path_cache() / "stats").rglob(imp.CACHE_FILE))
+    path = next((Path(os.environ["SWIFTSVD_CACHE"]) / "stats").rglob(imp.CACHE_FILE))
     assert set(json.loads(path.read_text())) == {"ratio=0.40,multiple=1,windows=2", "ratio=0.60,multiple=1,windows=2"}
     path.write_text("{not json")
     m, tok, folder = load_model(str(tiny_model_dir))
@@ -415,13 +417,6 @@ def test_loss_importance_is_cached_per_ratio_and_recomputed_when_garbled(tiny_mo
     m, tok, folder = load_model(str(tiny_model_dir))
     compress_model(m, tok, _cfg(tiny_model_dir, ratio=0.4, calib=str(calib_txt), allocation="dynamic"), source=folder)
     assert len(runs) == 3
-
-
-def tmp_path_cache():
-    import os
-    from pathlib import Path
-
-    return Path(os.environ["SWIFTSVD_CACHE"])
 
 
 def test_importance_ratio_grid_and_bad_importance():
