@@ -274,14 +274,16 @@ def choose_ranks(shapes, budget: int, cfg: CompressConfig, stats: ModelStats | N
     return uniform_ranks_for_budget(shapes, budget, cfg.rank_multiple)[0]
 
 
-def ratio_budget(shapes, ratio: float) -> int:
+def ratio_budget(shapes, ratio: float, multiple: int = 1) -> int:
+    """(1 − ratio) x the dense linear parameters, raised to the smallest achievable count (every
+    matrix at rank ``multiple``) as the uniform formula's floor at the multiple does."""
     dense = sum(m * n for m, n in shapes.values())
-    return int(round((1.0 - ratio) * dense))
+    return max(int(round((1.0 - ratio) * dense)), min_max_linear_params(shapes, multiple)[0])
 
 
 def ranks_for_ratio(shapes, ratio: float, cfg: CompressConfig, stats: ModelStats | None) -> dict[str, int]:
     if cfg.allocation == "dynamic":
-        return choose_ranks(shapes, ratio_budget(shapes, ratio), cfg, stats)
+        return choose_ranks(shapes, ratio_budget(shapes, ratio, cfg.rank_multiple), cfg, stats)
     return uniform_ranks(shapes, ratio, cfg.rank_multiple)
 
 
@@ -419,7 +421,7 @@ def compress_model(model, tokenizer, cfg: CompressConfig, ranks: dict[str, int] 
             if cfg.ratio is not None:
                 ranks = ranks_for_ratio(shapes, cfg.ratio, cfg, stats)
                 if cfg.allocation == "dynamic":
-                    choice["linear_budget"] = ratio_budget(shapes, cfg.ratio)
+                    choice["linear_budget"] = ratio_budget(shapes, cfg.ratio, cfg.rank_multiple)
             elif cfg.ranks_file is not None:
                 ranks = read_ranks_file(cfg.ranks_file, shapes)
             elif cfg.target_bytes is not None:

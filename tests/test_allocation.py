@@ -428,3 +428,13 @@ def test_importance_ratio_grid_and_bad_importance():
     assert importance_ratio(shapes, 9990) == 0.05 and importance_ratio(shapes, 1) == 0.95
     with pytest.raises(SwiftSVDError, match="unknown importance"):
         CompressConfig(model="x", output="y", ratio=0.3, importance="grad").validate()
+
+
+def test_dynamic_ratio_below_the_rank_multiple_floor_takes_the_floor(tiny_model_dir, calib_txt):
+    """As the uniform formula keeps every factored matrix at rank >= the multiple, a --ratio whose
+    budget is below that floor gives the smallest achievable model instead of an error."""
+    m, tok, folder = load_model(str(tiny_model_dir))
+    res = compress_model(m, tok, _cfg(tiny_model_dir, ratio=0.5, calib=str(calib_txt), rank_multiple=32,
+                                      allocation="dynamic"), source=folder)
+    lo, _ = min_max_linear_params(res.shapes, 32)
+    assert res.params()["linear_params_after"] == lo and set(res.ranks.values()) == {32}
