@@ -82,6 +82,7 @@ class ModelStats:
     meta: dict = field(default_factory=dict)
     from_cache: bool = False
     store: "SpectrumStore | None" = None
+    importance_at: "Callable[[int], list[float]] | None" = None  # per-budget override (importance.py)
 
     def values(self) -> dict[str, torch.Tensor]:
         return {n: s.values for n, s in self.spectra.items()}

@@ -1,6 +1,8 @@
 """Issue 3: effective rank, dynamic allocation, the statistics cache and budgets."""
 import json
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -321,3 +323,118 @@ def test_calibration_tokens_are_cached(tiny_model_dir, calib_txt, tmp_path, monk
     assert len(list((tmp_path / "cache" / "tokens").glob("*.pt"))) == 2
     build_calibration(tok, calib_txt, 8, 64, seed=4, cache=False)
     assert len(list((tmp_path / "cache" / "tokens").glob("*.pt"))) == 2
+
+
+# --------------------------------------------------------------------------- loss importance
+
+
+def _full_loss(model, ids):
+    logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).item()
+
+
+def _stats_and_ids(tiny_model_dir, calib_txt, **kw):
+    from swiftsvd_export.architectures import spec_for
+    from swiftsvd_export.calibration import build_calibration
+    from swiftsvd_export.compress import gather_stats
+
+    m, tok, folder = load_model(str(tiny_model_dir))
+    spec = spec_for(m.config)
+    cfg = _cfg(tiny_model_dir, ratio=0.5, calib=str(calib_txt), **kw)
+    calib = build_calibration(tok, calib_txt, cfg.nsamples, cfg.seqlen)
+    return m, spec, gather_stats(m, spec, calib, cfg, folder), calib.ids
+
+
+def test_loss_importance_is_the_loss_increase_of_one_compressed_block(tiny_model_dir, calib_txt):
+    from swiftsvd_export.compress import apply_factors, restore
+    from swiftsvd_export.importance import loss_importance
+    from swiftsvd_export.ranks import uniform_ranks
+
+    m, spec, stats, ids = _stats_and_ids(tiny_model_dir, calib_txt)
+    shapes = linear_shapes(m, spec)
+    ranks = uniform_ranks(shapes, 0.6)
+    ids = ids[:3]
+    with torch.no_grad():
+        deltas, dense = loss_importance(m, spec, ids, ranks, lambda r: apply_factors(m, stats, r),
+                                        lambda o: restore(m, o), batch_size=2)
+        assert dense == pytest.approx(_full_loss(m, ids), rel=1e-5)
+        for b in range(2):  # the replay from block b equals a full forward with block b compressed
+            orig = apply_factors(m, stats, {n: k for n, k in ranks.items() if f".{b}." in n})
+            assert deltas[b] == pytest.approx(_full_loss(m, ids) - dense, rel=1e-4, abs=1e-6)
+            restore(m, orig)
+    assert deltas[0] != deltas[1] and all(math.isfinite(d) for d in deltas)
+
+
+def test_the_block_whose_compression_raises_the_loss_more_gets_larger_ranks(tmp_path, calib_txt):
+    """Block 1's output projections are zero, so it is the identity at any rank: ΔL_1 = 0 exactly.
+    Block 0's compression moves the loss (on a random tiny model, in either direction): whichever
+    block's ΔL is higher gets the larger rank for every matrix type, and the budget stays exact."""
+    from tests.conftest import make_tiny_llama, make_tokenizer
+
+    d = tmp_path / "zero-block"
+    make_tokenizer(d)
+    model = make_tiny_llama(layers=2)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.zero_()
+        model.model.layers[1].mlp.down_proj.weight.zero_()
+    model.save_pretrained(d, safe_serialization=True)
+    m, tok, folder = load_model(str(d))
+    res = compress_model(m, tok, _cfg(d, ratio=0.6, calib=str(calib_txt), allocation="dynamic",
+                                      importance="loss", importance_windows=4), source=folder)
+    (entry,) = res.choice["loss_importance"].values()
+    assert entry["ratio"] == 0.6 and entry["deltas"][1] == pytest.approx(0.0, abs=1e-6)
+    assert abs(entry["deltas"][0]) > 1e-4
+    hi, lo = (0, 1) if entry["deltas"][0] > entry["deltas"][1] else (1, 0)
+    for lin in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"):
+        assert res.ranks[f"model.layers.{hi}.{lin}"] > res.ranks[f"model.layers.{lo}.{lin}"], lin
+    dense = sum(a * b for a, b in res.shapes.values())
+    used = res.params()["linear_params_after"]
+    assert 0 <= round(0.4 * dense) - used < max(a + b for a, b in res.shapes.values())  # budget exact
+
+
+def test_loss_importance_is_cached_per_ratio_and_recomputed_when_garbled(tiny_model_dir, calib_txt, monkeypatch,
+                                                                      capsys):
+    import swiftsvd_export.importance as imp
+
+    runs = []
+    real = imp.loss_importance
+    monkeypatch.setattr(imp, "loss_importance", lambda *a, **k: runs.append(1) or real(*a, **k))
+    cfg = dict(calib=str(calib_txt), allocation="dynamic", importance="loss", importance_windows=2)
+    ranks = {}
+    for ratio in (0.4, 0.6, 0.4):
+        m, tok, folder = load_model(str(tiny_model_dir))
+        res = compress_model(m, tok, _cfg(tiny_model_dir, ratio=ratio, **cfg), source=folder)
+        ranks.setdefault(ratio, res.ranks)
+        assert res.ranks == ranks[ratio]
+    assert len(runs) == 2  # the third run (0.4 again) read the cache
+    path = next((Path(os.environ["SWIFTSVD_CACHE"]) / "stats").rglob(imp.CACHE_FILE))
+    assert set(json.loads(path.read_text())) == {"ratio=0.40,multiple=1,windows=2", "ratio=0.60,multiple=1,windows=2"}
+    path.write_text("{not json")
+    m, tok, folder = load_model(str(tiny_model_dir))
+    res = compress_model(m, tok, _cfg(tiny_model_dir, ratio=0.4, **cfg), source=folder)
+    assert len(runs) == 3 and "loss-importance cache" in capsys.readouterr().err and res.ranks == ranks[0.4]
+    # a cos-importance run at the same ratio does not compute it
+    m, tok, folder = load_model(str(tiny_model_dir))
+    compress_model(m, tok, _cfg(tiny_model_dir, ratio=0.4, calib=str(calib_txt), allocation="dynamic"), source=folder)
+    assert len(runs) == 3
+
+
+def test_importance_ratio_grid_and_bad_importance():
+    from swiftsvd_export.importance import importance_ratio
+
+    shapes = {"a": (100, 100)}
+    assert importance_ratio(shapes, 6000) == 0.4
+    assert importance_ratio(shapes, 6240) == 0.4  # 0.376 -> nearest 0.05
+    assert importance_ratio(shapes, 9990) == 0.05 and importance_ratio(shapes, 1) == 0.95
+    with pytest.raises(SwiftSVDError, match="unknown importance"):
+        CompressConfig(model="x", output="y", ratio=0.3, importance="grad").validate()
+
+
+def test_dynamic_ratio_below_the_rank_multiple_floor_takes_the_floor(tiny_model_dir, calib_txt):
+    """As the uniform formula keeps every factored matrix at rank >= the multiple, a --ratio whose
+    budget is below that floor gives the smallest achievable model instead of an error."""
+    m, tok, folder = load_model(str(tiny_model_dir))
+    res = compress_model(m, tok, _cfg(tiny_model_dir, ratio=0.5, calib=str(calib_txt), rank_multiple=32,
+                                      allocation="dynamic"), source=folder)
+    lo, _ = min_max_linear_params(res.shapes, 32)
+    assert res.params()["linear_params_after"] == lo and set(res.ranks.values()) == {32}

@@ -1,18 +1,30 @@
-"""Benchmark: uniform vs dynamic rank allocation on SmolLM2-135M, and re-targeting time.
+"""Benchmark: rank allocation (uniform, dynamic-cos, dynamic-loss), the refit, and re-targeting time.
 
-    python tools/bench_allocation.py [--ppl-windows 40] [--ratios 0.2 0.4 0.6] [--alpha 1.0]
+    python tools/bench_allocation.py compare --ratios 0.2 0.4 0.6 --heldout-windows 16 --ppl-windows 0
+    python tools/bench_allocation.py compare --ratios 0.2 --heldout-windows 0 --ppl-windows 64
+    python tools/bench_allocation.py refit --ratios 0.2 --heldout-windows 16 --ppl-windows 64
+    python tools/bench_allocation.py retarget
+    python tools/bench_allocation.py table
 
-Calibration: WikiText-2 train prefix (64 x 512 tokens, seed 0), read from ../shared (never copied).
-Perplexity: WikiText-2 test, first ``--ppl-windows`` windows of 512 tokens (at least 40).
+Model SmolLM2-135M. Calibration: WikiText-2 train prefix, 64 x 512 tokens (seed 0), read from
+../shared (never copied). Two evaluations:
+- held-out: ``--heldout-windows`` windows of 512 tokens of the same WikiText-2 *train* stream that
+  are not among the calibration windows (the next ones in the seeded permutation); choices
+  (alpha, importance, refit) are made on this slice, never on the test set;
+- test: the first ``--ppl-windows`` windows of 512 tokens of WikiText-2 test.
 
-The run uses a fresh, empty cache folder (``$SWIFTSVD_CACHE`` pointed at a new temporary
-directory, removed at the end unless ``--keep-cache``), so the first compression is a real
-cold run: tokenization, calibration pass, eigendecompositions and cache write. Every later
-compression re-targets from that cache; its in-process wall time is reported, and so is the
-end-to-end wall time of ``swiftsvd-export compress`` re-targets run as separate processes
-(interpreter start, model load, cache check, factors, writing the folder).
+Parts (each one job of a few minutes, so they can run one at a time under the shared lock):
+- ``compare``: per ratio, uniform vs dynamic with ``--importance cos`` vs ``--importance loss``,
+  all at the same parameter budget ((1 − ratio) x the dense linears; uniform's floor() per
+  matrix leaves it up to 0.5 % below);
+- ``refit``: per ratio, ``--sequential`` vs ``--sequential --refit`` at the same ranks
+  (``--refit-allocation``, uniform by default, as the default release);
+- ``retarget``: a cold compression in a fresh, empty cache folder, then re-targets from it
+  (in process, and ``swiftsvd-export compress`` processes end to end).
 
-Writes ``--out``/allocation.json, ppl_vs_ratio.png and ranks_dynamic_<r>.png, and prints a table.
+``--cache DIR`` reuses a statistics cache across parts (``compare``/``refit``; ``retarget``
+always starts from a fresh one). Every part merges its rows into ``--json`` (rows of the same
+part, ratio and configuration are replaced), then prints the tables of everything in it.
 """
 from __future__ import annotations
 
@@ -35,6 +47,90 @@ SHARED = ROOT.parent / "shared" / "data" / "wikitext2"
 TRAIN = SHARED / "wikitext-2-raw-v1.train.prefix1MB.txt"
 TEST = SHARED / "wikitext-2-raw-v1.test.nnjoin.txt"
 CLI_RETARGETS = (("uniform", 0.3), ("dynamic", 0.5))
+COMPARE = (("uniform", {"allocation": "uniform"}), ("dynamic-cos", {"allocation": "dynamic", "importance": "cos"}),
+           ("dynamic-loss", {"allocation": "dynamic", "importance": "loss"}))
+
+
+class Bench:
+    def __init__(self, args):
+        from swiftsvd_export.calibration import build_calibration
+        from swiftsvd_export.models import load_model
+
+        self.args = args
+        t = time.perf_counter()
+        self.dense, self.tok, self.folder = load_model(args.model)
+        self.load_s = time.perf_counter() - t
+        self.base = dict(model=args.model, output=None, calib=str(TRAIN), nsamples=64, seqlen=512, seed=0,
+                         batch_size=8, progress=False, alpha=args.alpha, importance_windows=args.importance_windows)
+        self.holdout = None
+        if args.heldout_windows:
+            self.holdout = build_calibration(self.tok, TRAIN, 64, 512, 0, holdout=args.heldout_windows).holdout
+        self.text = TEST.read_text(encoding="utf-8")
+
+    def evaluate(self, model) -> dict:
+        from swiftsvd_export.compress import heldout_ppl
+        from swiftsvd_export.perplexity import perplexity
+
+        out = {}
+        t = time.perf_counter()
+        if self.holdout is not None:
+            out["heldout_ppl"] = heldout_ppl(model, self.holdout, 4)
+            out["heldout_windows"] = int(self.holdout.shape[0])
+        if self.args.ppl_windows:
+            out["test_ppl"] = perplexity(model, self.tok, self.text, seqlen=512, max_windows=self.args.ppl_windows,
+                                         progress=False)["ppl"]
+            out["test_windows"] = self.args.ppl_windows
+        out["eval_s"] = time.perf_counter() - t
+        return out
+
+    def run(self, part: str, ratio: float, config: str, **kw) -> dict:
+        from swiftsvd_export.compress import CompressConfig, compress_model
+
+        m = copy.deepcopy(self.dense)
+        cfg = CompressConfig(**{**self.base, **kw}, ratio=ratio)
+        t = time.perf_counter()
+        res = compress_model(m, self.tok, cfg, source=self.folder)
+        wall = time.perf_counter() - t
+        p = res.params()
+        row = {"part": part, "ratio": ratio, "config": config, "linear_params": p["linear_params_after"],
+               "achieved_ratio": p["achieved_ratio"], "compress_s": wall, "stats_cache": res.choice.get("stats_cache"),
+               "timings": res.timings, **self.evaluate(m)}
+        if "loss_importance" in res.choice:
+            row["loss_importance"] = res.choice["loss_importance"]
+        print(f"{part} ratio {ratio} {config:14s}: params {row['linear_params']:,} "
+              + " ".join(f"{k} {row[k]:.3f}" for k in ("heldout_ppl", "test_ppl") if k in row)
+              + f" (compress {wall:.1f} s, stats {row['stats_cache']})", flush=True)
+        del m
+        return row
+
+    def dense_row(self) -> dict:
+        """The dense model's figures, unless ``--json`` already has them for these windows."""
+        path = Path(self.args.json)
+        old = [r for r in json.loads(path.read_text())["rows"] if r["part"] == "dense"] if path.is_file() else []
+        want = {"heldout_windows": self.args.heldout_windows or None, "test_windows": self.args.ppl_windows or None}
+        if old and all(v is None or old[0].get(k) == v for k, v in want.items()):
+            return old[0]
+        row = {"part": "dense", "ratio": 0.0, "config": "dense", **self.evaluate(self.dense)}
+        print("dense: " + " ".join(f"{k} {row[k]:.3f}" for k in ("heldout_ppl", "test_ppl") if k in row), flush=True)
+        return row
+
+
+def part_compare(bench: Bench, args) -> list[dict]:
+    rows = [bench.dense_row()]
+    for r in args.ratios:
+        for name, kw in COMPARE:
+            if name in args.configs:
+                rows.append(bench.run("compare", r, name, **kw))
+    return rows
+
+
+def part_refit(bench: Bench, args) -> list[dict]:
+    rows = [bench.dense_row()]
+    for r in args.ratios:
+        for refit in (False, True):
+            rows.append(bench.run("refit", r, "sequential+refit" if refit else "sequential", sequential=True,
+                                  refit=refit, allocation=args.refit_allocation))
+    return rows
 
 
 def cli_retarget(model: str, alloc: str, ratio: float, alpha: float, out: Path) -> float:
@@ -51,131 +147,119 @@ def cli_retarget(model: str, alloc: str, ratio: float, alpha: float, out: Path) 
     return wall
 
 
-def compare_table(rows: list[dict], ratios: list[float]) -> tuple[list[dict], bool]:
-    """Per ratio: uniform vs dynamic at the same parameter count (±0.5 %)."""
-    table, ok = [], True
-    for r in ratios:
-        u = next(x for x in rows if x["ratio"] == r and x["allocation"] == "uniform")
-        d = next(x for x in rows if x["ratio"] == r and x["allocation"] == "dynamic")
-        diff = d["linear_params"] / u["linear_params"] - 1
-        win = d["ppl"] <= u["ppl"] and abs(diff) <= 0.005
-        ok &= win
-        table.append({"ratio": r, "uniform_params": u["linear_params"], "uniform_ppl": u["ppl"],
-                      "dynamic_params": d["linear_params"], "param_diff": diff, "dynamic_ppl": d["ppl"],
-                      "dynamic_wins": win})
-    return table, ok
+def part_retarget(bench: Bench, args) -> list[dict]:
+    """Cold run in a fresh cache folder, then re-targets (no perplexity: timing only)."""
+    from swiftsvd_export.compress import CompressConfig, compress_model
+
+    rows = []
+    for i, (alloc, r) in enumerate((("uniform", 0.2), ("dynamic", 0.2), ("uniform", 0.4), ("dynamic", 0.6))):
+        m = copy.deepcopy(bench.dense)
+        t = time.perf_counter()
+        res = compress_model(m, bench.tok, CompressConfig(**bench.base, ratio=r, allocation=alloc),
+                             source=bench.folder)
+        wall = time.perf_counter() - t
+        hit = res.choice.get("stats_cache") == "hit"
+        if i == 0 and hit:
+            raise RuntimeError("the first compression hit a cache in a fresh folder")
+        rows.append({"part": "retarget", "ratio": r, "config": alloc if i else f"{alloc} (cold)", "wall_s": wall,
+                     "stats_cache": res.choice.get("stats_cache"), "timings": res.timings})
+        print(f"retarget {alloc} {r}: {wall:.2f} s ({res.choice.get('stats_cache')})", flush=True)
+    cache = Path(os.environ["SWIFTSVD_CACHE"])
+    for a, r in CLI_RETARGETS:
+        rows.append({"part": "retarget", "ratio": r, "config": f"cli {a}",
+                     "wall_s": cli_retarget(args.model, a, r, args.alpha, cache / f"out-{a}-{r}")})
+        print(f"retarget cli {a} {r}: {rows[-1]['wall_s']:.1f} s", flush=True)
+    entries = [p.parent for p in (cache / "stats").rglob("meta.json")]
+    size = sum(p.stat().st_size for p in entries[0].rglob("*") if p.is_file()) if entries else 0
+    rows.append({"part": "retarget", "ratio": 0.0, "config": "cache entry", "bytes": size})
+    return rows
 
 
-def print_table(table: list[dict], header: str) -> None:
-    print(header)
-    print("| ratio | uniform params | uniform ppl | dynamic params | param diff | dynamic ppl | dynamic <= uniform |")
-    print("|---|---|---|---|---|---|---|")
-    for t in table:
-        print(f"| {t['ratio']} | {t['uniform_params']:,} | {t['uniform_ppl']:.3f} | {t['dynamic_params']:,} | "
-              f"{100 * t['param_diff']:+.3f} % | {t['dynamic_ppl']:.3f} | {'yes' if t['dynamic_wins'] else 'NO'} |")
+def merge(path: Path, rows: list[dict], meta: dict) -> dict:
+    """Rows of the same (part, ratio, config) are merged field by field, the new values winning,
+    so a held-out-only run and a test-only run of the same configurations make one row each."""
+    data = json.loads(path.read_text()) if path.is_file() else {"rows": []}
+    old = {(r["part"], r["ratio"], r["config"]): r for r in data["rows"]}
+    for r in rows:
+        old[(r["part"], r["ratio"], r["config"])] = {**old.get((r["part"], r["ratio"], r["config"]), {}), **r}
+    data["rows"] = list(old.values())
+    data.update(meta)
+    return data
+
+
+def tables(data: dict) -> str:
+    rows = data["rows"]
+    dense = next((r for r in rows if r["part"] == "dense"), {})
+    lines = []
+    for metric, label in (("heldout_ppl", "held-out (WikiText-2 train windows not in the calibration set)"),
+                          ("test_ppl", "WikiText-2 test")):
+        for part, configs in (("compare", [c for c, _ in COMPARE]), ("refit", ["sequential", "sequential+refit"])):
+            sel = [r for r in rows if r["part"] == part and metric in r]
+            if not sel:
+                continue
+            windows = sel[0][metric.replace("ppl", "windows")]
+            lines.append(f"\n{part}: {label} ppl, {windows} x 512 tokens"
+                         + (f" (dense {dense[metric]:.3f})" if metric in dense else ""))
+            lines.append("| ratio | " + " | ".join(f"{c} params | {c} ppl" for c in configs) + " |")
+            lines.append("|---" * (1 + 2 * len(configs)) + "|")
+            for ratio in sorted({r["ratio"] for r in sel}):
+                cells = []
+                for c in configs:
+                    r = next((x for x in sel if x["ratio"] == ratio and x["config"] == c), None)
+                    cells += [f"{r['linear_params']:,}", f"{r[metric]:.3f}"] if r else ["-", "-"]
+                lines.append(f"| {ratio} | " + " | ".join(cells) + " |")
+    for r in rows:
+        if r["part"] == "retarget":
+            lines.append(f"retarget {r['config']} {r['ratio']}: "
+                         + (f"{r['bytes'] / 1e6:.0f} MB" if "bytes" in r else f"{r['wall_s']:.2f} s"))
+        if "loss_importance" in r and r.get("timings", {}).get("loss_importance_s"):
+            lines.append(f"loss importance at ratio {r['ratio']}: {r['timings']['loss_importance_s']:.1f} s")
+    return "\n".join(lines)
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("part", choices=["compare", "refit", "retarget", "table"])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4, 0.6])
-    ap.add_argument("--ppl-windows", type=int, default=40)
+    ap.add_argument("--configs", nargs="+", default=[c for c, _ in COMPARE], choices=[c for c, _ in COMPARE])
+    ap.add_argument("--heldout-windows", type=int, default=16)
+    ap.add_argument("--ppl-windows", type=int, default=64, help="WikiText-2 test windows (0: skip)")
     ap.add_argument("--alpha", type=float, default=1.0)
+    ap.add_argument("--importance-windows", type=int, default=8)
+    ap.add_argument("--refit-allocation", default="uniform", choices=["uniform", "dynamic"])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--keep-cache", action="store_true", help="keep the fresh cache folder at the end")
-    ap.add_argument("--out", default=str(ROOT / "bench_out"))
+    ap.add_argument("--cache", help="statistics cache folder to reuse (default: a fresh temporary one)")
+    ap.add_argument("--json", default=str(ROOT / "bench_out" / "allocation.json"))
     args = ap.parse_args()
-    if args.ppl_windows < 40:
-        ap.error("--ppl-windows must be at least 40")
+    path = Path(args.json)
+    if args.part == "table":
+        print(tables(json.loads(path.read_text())))
+        return 0
     torch.set_num_threads(args.threads)
-    cache = Path(tempfile.mkdtemp(prefix="swiftsvd-bench-cache-"))
+    from swiftsvd_export.paths import cache_root
+
+    fresh = args.part == "retarget" or not args.cache
+    models = Path(args.cache or cache_root(), "models")
+    cache = Path(tempfile.mkdtemp(prefix="swiftsvd-bench-cache-")) if fresh else Path(args.cache)
+    if fresh and models.is_dir():  # the model conversion is not what is timed: reuse it
+        (cache / "models").symlink_to(models.resolve())
     os.environ["SWIFTSVD_CACHE"] = str(cache)  # read at call time by paths.cache_root()
-
-    from swiftsvd_export.compress import CompressConfig, compress_model
-    from swiftsvd_export.models import load_model
-    from swiftsvd_export.perplexity import perplexity
-    from swiftsvd_export.plots import plot_ppl_vs_ratio, plot_ranks
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t = time.perf_counter()
-    dense, tok, folder = load_model(args.model)
-    load_s = time.perf_counter() - t
-    text = TEST.read_text(encoding="utf-8")
-    base = dict(model=args.model, output=None, calib=str(TRAIN), nsamples=64, seqlen=512, seed=0,
-                batch_size=8, progress=False, alpha=args.alpha)
-
-    def ppl(model):
-        return perplexity(model, tok, text, seqlen=512, max_windows=args.ppl_windows, progress=False)["ppl"]
-
-    rows, retarget, first = [], [], None
-    t = time.perf_counter()
-    d_ppl = ppl(dense)
-    print(f"dense: ppl {d_ppl:.3f} ({time.perf_counter() - t:.0f} s)", flush=True)
-    curve = {"ratios": args.ratios, "dense": d_ppl, "uniform": [], "dynamic": []}
-    for r in args.ratios:
-        for alloc in ("uniform", "dynamic"):
-            m = copy.deepcopy(dense)
-            cfg = CompressConfig(**base, ratio=r, allocation=alloc)
-            t = time.perf_counter()
-            res = compress_model(m, tok, cfg, source=folder)
-            wall = time.perf_counter() - t
-            hit = res.choice.get("stats_cache") == "hit"
-            if first is None:
-                if hit:
-                    raise RuntimeError("the first compression hit a cache in a fresh folder")
-                first = {"ratio": r, "allocation": alloc, "wall_s": wall, "cache": res.choice.get("stats_cache"),
-                         "timings": res.timings}
-            else:
-                retarget.append({"ratio": r, "allocation": alloc, "wall_s": wall, "cache_hit": hit,
-                                 "timings": res.timings})
-            p = res.params()
-            t = time.perf_counter()
-            q = ppl(m)
-            rows.append({"ratio": r, "allocation": alloc, "linear_params": p["linear_params_after"],
-                         "achieved_ratio": p["achieved_ratio"], "normalized_error": res.normalized_error,
-                         "ppl": q, "compress_s": wall, "cache_hit": hit, "ppl_s": time.perf_counter() - t})
-            curve[alloc].append(q)
-            if alloc == "dynamic":
-                plot_ranks(res.shapes, res.ranks, out / f"ranks_dynamic_{r}.png",
-                           title=f"SmolLM2-135M dynamic ranks, ratio {r}")
-            print(f"ratio {r} {alloc:8s}: params {p['linear_params_after']:,} ppl {q:.3f} "
-                  f"compress {wall:.1f} s ({'cache hit' if hit else res.choice.get('stats_cache')})", flush=True)
-            del m
-    plot_ppl_vs_ratio(curve, out / "ppl_vs_ratio.png",
-                      ylabel=f"WikiText-2 test ppl (first {args.ppl_windows} x 512 tokens)")
-    cli = [{"allocation": a, "ratio": r, "wall_s": cli_retarget(args.model, a, r, args.alpha, cache / f"out-{a}-{r}")}
-           for a, r in CLI_RETARGETS]
-    entry = compress_entry(cache)
-    size = sum(p.stat().st_size for p in entry.rglob("*") if p.is_file()) if entry.exists() else 0
-    table, ok = compare_table(rows, args.ratios)
-    print()
-    print_table(table, f"SmolLM2-135M, WikiText-2 calibration 64 x 512 (seed 0), test ppl on the first "
-                       f"{args.ppl_windows} windows of 512; dynamic alpha {args.alpha}; dense ppl {d_ppl:.3f}")
-    rt = [x["wall_s"] for x in retarget if x["cache_hit"]]
-    print(f"\nfirst (cold) compression: {first['wall_s']:.1f} s in process "
-          f"(calibration {first['timings'].get('calibration_s', 0):.1f} s, "
-          f"factorization {first['timings'].get('factorize_s', 0):.1f} s)")
-    print(f"re-targeted compressions from the cache, in process: {', '.join(f'{x:.2f}' for x in rt)} s "
-          f"(max {max(rt):.2f} s)")
-    print("re-targeted `swiftsvd-export compress` processes, end to end: "
-          + ", ".join(f"{c['allocation']} {c['ratio']}: {c['wall_s']:.1f} s" for c in cli))
-    print(f"cache entry {entry} ({size / 1e6:.0f} MB)")
-    result = {"model": args.model, "dense_ppl": d_ppl, "ppl_windows": args.ppl_windows, "alpha": args.alpha,
-              "model_load_s": load_s, "rows": rows, "table": table, "first_run": first, "retarget": retarget,
-              "retarget_cli": cli, "cache_entry": str(entry), "cache_bytes": size, "threads": args.threads,
-              "targets_met": ok and bool(rt) and max(rt + [c["wall_s"] for c in cli]) <= 10}
-    (out / "allocation.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out / 'allocation.json'}")
-    if not args.keep_cache:
-        shutil.rmtree(cache, ignore_errors=True)
+    try:
+        bench = Bench(args)
+        rows = {"compare": part_compare, "refit": part_refit, "retarget": part_retarget}[args.part](bench, args)
+    finally:
+        if fresh:
+            shutil.rmtree(cache, ignore_errors=True)
+    meta = {"model": args.model, "calibration": "WikiText-2 train prefix, 64 x 512, seed 0", "alpha": args.alpha,
+            "importance_windows": args.importance_windows, "threads": args.threads,
+            "model_load_s": bench.load_s}
+    data = merge(path, rows, meta)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    print(tables(data))
+    print(f"wrote {path}")
     return 0
-
-
-def compress_entry(cache: Path) -> Path:
-    """The single statistics entry of the fresh cache folder."""
-    entries = [p.parent for p in (cache / "stats").rglob("meta.json")]
-    return entries[0] if entries else cache / "stats"
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ def add_parser(sub) -> None:
                f"  swiftsvd-export compress {DEFAULT_MODEL} out/smol-0.4 --ratio 0.4\n"
                "  swiftsvd-export compress ./my-hf-model out/m --ratio 0.2 --calib data.jsonl --method whiten\n"
                "  swiftsvd-export compress model.gguf out/m --ranks ranks.json --dtype bf16\n"
-               f"  swiftsvd-export compress {DEFAULT_MODEL} out/smol-d --ratio 0.4 --allocation dynamic\n"
+               f"  swiftsvd-export compress {DEFAULT_MODEL} out/smol-u --ratio 0.4 --allocation uniform\n"
+               f"  swiftsvd-export compress {DEFAULT_MODEL} out/smol-l --ratio 0.4 --importance loss\n"
                f"  swiftsvd-export compress {DEFAULT_MODEL} out/smol-50m --target-bytes 50000000\n"
                f"  swiftsvd-export compress {DEFAULT_MODEL} out/smol-p --max-ppl-increase 10 --allocation dynamic\n"
                "  swiftsvd-export compress gemma3-270m out/gemma3-0.2 --ratio 0.2 --nsamples 32\n"
@@ -37,10 +38,17 @@ def add_parser(sub) -> None:
                    help="largest model whose model.safetensors fits in N bytes at --dtype")
     p.add_argument("--max-ppl-increase", type=float, metavar="P",
                    help="most compression whose held-out calibration perplexity rises by at most P %%")
-    p.add_argument("--allocation", choices=["uniform", "dynamic"], default="uniform",
-                   help="uniform: one ratio for every linear (default); dynamic: the Swift-SVD paper's rule, "
-                        "each matrix type keeps its uniform budget, half as a base rank and half shared between "
-                        "blocks in proportion to importance^alpha * log(1 + output norm)^(1 - alpha)")
+    p.add_argument("--allocation", choices=["uniform", "dynamic"], default="dynamic",
+                   help="dynamic (default): the Swift-SVD paper's rule, each matrix type keeps its uniform budget, "
+                        "half as a base rank and half shared between blocks in proportion to "
+                        "importance^alpha * log(1 + output norm)^(1 - alpha); uniform: one ratio for every linear "
+                        "(ignored with --ranks)")
+    p.add_argument("--importance", choices=["cos", "loss"], default="cos",
+                   help="dynamic allocation's block importance: cos (default), 1 - cos(block input, output) from the "
+                        "calibration pass; loss, the calibration-loss increase when only that block is compressed "
+                        "at the uniform rank (one extra partial forward per block, cached per ratio)")
+    p.add_argument("--importance-windows", type=int, default=8,
+                   help="calibration windows scored for --importance loss (default 8)")
     p.add_argument("--alpha", type=float, default=1.0,
                    help="dynamic allocation: weight of the block importance against the matrix's output energy, "
                         "in [0, 1] (default 1.0, chosen on held-out calibration windows; the paper uses 0.6)")
@@ -95,7 +103,8 @@ def run(args) -> int:
                          batch_size=args.batch_size, dtype=args.dtype, sequential=args.sequential,
                          rank_multiple=args.rank_multiple, overwrite=args.overwrite,
                          target_bytes=args.target_bytes, max_ppl_increase=args.max_ppl_increase,
-                         allocation=args.allocation, alpha=args.alpha, holdout=args.holdout,
+                         allocation=args.allocation, alpha=args.alpha, importance=args.importance,
+                         importance_windows=args.importance_windows, holdout=args.holdout,
                          cache=args.cache, plots=args.plots, refit=args.refit,
                          precision=args.precision, device=args.device, dist_timeout=args.dist_timeout)
     if args.stream or args.max_memory is not None:
