@@ -326,7 +326,8 @@ def _check_streamable(cfg: CompressConfig) -> None:
         raise SwiftSVDError("layer streaming (--stream/--max-memory) runs in one process; do not start it under "
                             "torchrun")
     for flag, on in (("--sequential", cfg.sequential), ("--refit", cfg.refit),
-                     ("--max-ppl-increase", cfg.max_ppl_increase is not None), ("--plots", cfg.plots)):
+                     ("--max-ppl-increase", cfg.max_ppl_increase is not None), ("--plots", cfg.plots),
+                     ("--importance loss", cfg.importance == "loss")):
         if on:
             raise SwiftSVDError(f"{flag} is not available with layer streaming (--stream/--max-memory): it needs "
                                 "the whole model in memory")
