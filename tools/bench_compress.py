@@ -160,7 +160,7 @@ def child_compress_cli(out: str, nsamples: int, seqlen: int) -> dict:
     from swiftsvd_export.cli import main as cli_main
 
     t = time.perf_counter()
-    code = cli_main(["compress", "smollm2-135m", out, "--ratio", "0.4", "--calib", str(TRAIN),
+    code = cli_main(["compress", "smollm2-135m", out, "--ratio", "0.4", "--allocation", "uniform", "--calib", str(TRAIN),
                      "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--json", "--no-cache"])
     return {"exit": code, "wall_s": time.perf_counter() - t, "peak_rss_mb": peak_rss_mib()}
 

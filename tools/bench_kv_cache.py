@@ -14,7 +14,7 @@ then time greedy decode: warm-up steps, then ``--reps`` runs of ``--steps`` toke
 the same prefilled cache; decode tok/s is the median. KV bytes per token are computed from the
 shapes (``latent_kv.kv_bytes_per_token``) and measured (cache nbytes / C).
 
-    swiftsvd-export compress smollm2-135m bench_out/smol-r0.4 --ratio 0.4 --rank-multiple 32 \\
+    swiftsvd-export compress smollm2-135m bench_out/smol-r0.4 --ratio 0.4 --allocation uniform --rank-multiple 32 \\
         --calib ../shared/data/wikitext2/wikitext-2-raw-v1.train.prefix1MB.txt --dtype fp32
     python tools/bench_kv_cache.py --compressed bench_out/smol-r0.4 --out bench_out/kv_cache.json
 """

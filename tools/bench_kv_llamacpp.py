@@ -90,7 +90,7 @@ def ensure_model(model_dir: Path) -> None:
     if (model_dir / "config.json").is_file():
         return
     cmd = [sys.executable, "-m", "swiftsvd_export.cli", "compress", "smollm2-135m", str(model_dir),
-           "--ratio", "0.4", "--rank-multiple", "32", "--calib", str(CALIB)]
+           "--ratio", "0.4", "--allocation", "uniform", "--rank-multiple", "32", "--calib", str(CALIB)]
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
 

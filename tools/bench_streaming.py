@@ -195,7 +195,7 @@ def main() -> int:
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=str(ROOT), SWIFTSVD_CACHE=str(work / "cache"))
-    calib = ["--calib", str(TRAIN), "--ratio", "0.2"]
+    calib = ["--calib", str(TRAIN), "--ratio", "0.2", "--allocation", "uniform"]
     rows = []
     if not a.skip_smol:
         if SMOL is None:
