@@ -64,6 +64,14 @@ def test_streaming_equals_in_memory(tiny_model_dir, calib_txt, tmp_path, monkeyp
     assert not list((tmp_path / "cache" / "tmp").glob("*"))  # spilled activations and bases removed
 
 
+def test_short_last_batch(tiny_model_dir, calib_txt, tmp_path):
+    """--nsamples not a multiple of --batch-size: the blocks get masks that broadcast over any batch."""
+    mem, st = tmp_path / "mem", tmp_path / "st"
+    compress(_cfg(tiny_model_dir, mem, calib_txt, nsamples=10, batch_size=4, cache=False))
+    compress_streaming(_cfg(tiny_model_dir, st, calib_txt, nsamples=10, batch_size=4, cache=False))
+    _same_weights(mem, st)
+
+
 def test_sharded_source_and_stats_cache_shared_with_in_memory(calib_txt, tmp_path):
     one, shards = tmp_path / "one", tmp_path / "shards"
     model = make_tiny_llama(seed=1, layers=3)
