@@ -45,7 +45,9 @@ print(json.dumps({"loaded": True, "log": "", "logits": [float(x) for x in llm.sc
 """
 
 
-def _stock_lib():
+@pytest.fixture(scope="module")
+def stock():
+    """The stock build's folder (skip, or fail under SWIFTSVD_CI=1, when it is missing)."""
     d = build.lib_dir(unpatched=True)
     if not build.is_built(d):
         msg = f"stock llama.cpp not built ({d}): run `swiftsvd-export build-llamacpp --unpatched`"
@@ -55,12 +57,14 @@ def _stock_lib():
     return d
 
 
-def _load_in_stock(path):
-    env = dict(os.environ, LLAMA_CPP_LIB_PATH=str(_stock_lib()))
+def _load_in_stock(stock, path):
+    env = dict(os.environ, LLAMA_CPP_LIB_PATH=str(stock))
     proc = subprocess.run([sys.executable, "-c", CHILD, str(path)], env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r["log"] += proc.stderr  # whatever llama.cpp printed outside the log callback
+    return r
 
 
 @pytest.fixture(scope="module")
@@ -73,19 +77,19 @@ def folders(tmp_path_factory):
     return root / "lowrank", root / "dense"
 
 
-def test_stock_llamacpp_refuses_a_lowrank_gguf(folders, tmp_path):
+def test_stock_llamacpp_refuses_a_lowrank_gguf(stock, folders, tmp_path):
     out = tmp_path / "lowrank.gguf"
     export_gguf(folders[0], out, factor_type="f16", quiet=True)
-    r = _load_in_stock(out)
+    r = _load_in_stock(stock, out)
     assert not r["loaded"], "stock llama.cpp loaded a low-rank GGUF"
     # layer 0's q_proj is factorized: its dense weight is the first tensor stock llama.cpp looks for
     assert "missing tensor 'blk.0.attn_q.weight'" in r["log"], r["log"][-2000:]
 
 
-def test_stock_llamacpp_runs_the_dense_export(folders, tmp_path):
+def test_stock_llamacpp_runs_the_dense_export(stock, folders, tmp_path):
     """The same build loads the dense export: the refusal above is the low-rank file, not the build."""
     out = tmp_path / "dense.gguf"
     export_gguf(folders[1], out, factor_type="f16", quiet=True)
-    r = _load_in_stock(out)
+    r = _load_in_stock(stock, out)
     assert r["loaded"], r["log"][-2000:]
     assert len(r["logits"]) == 4
