@@ -83,7 +83,8 @@ def test_stock_llamacpp_refuses_a_lowrank_gguf(stock, folders, tmp_path):
     r = _load_in_stock(stock, out)
     assert not r["loaded"], "stock llama.cpp loaded a low-rank GGUF"
     # layer 0's q_proj is factorized: its dense weight is the first tensor stock llama.cpp looks for
-    assert "missing tensor 'blk.0.attn_q.weight'" in r["log"], r["log"][-2000:]
+    assert "error loading model: check_tensor_dims: tensor 'blk.0.attn_q.weight' not found" in r["log"], \
+        r["log"][-2000:]
 
 
 def test_stock_llamacpp_runs_the_dense_export(stock, folders, tmp_path):

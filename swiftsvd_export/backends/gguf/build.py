@@ -221,7 +221,7 @@ def build_libs(force: bool = False, native: bool = True, unity: bool | None = No
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    log.info("built patched libllama in %.0f s (build step %.0f s) -> %s", t_done - t0, t_done - t_build, out)
+    log.info("built libllama in %.0f s (build step %.0f s) -> %s", t_done - t0, t_done - t_build, out)
     return out
 
 
