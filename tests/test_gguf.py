@@ -6,6 +6,7 @@ they fail, not skip, when it is missing.
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -76,22 +77,25 @@ def test_tensor_names_shapes_types(tiny, tmp_path):
     out = tmp_path / "m-q8.gguf"
     summary = export_gguf(lr_dir, out, factor_type="q8_0", embed_type="f16", quiet=True)
     r, t = _reader(out)
-    assert r.fields[LOWRANK_KEY].contents() == 1
+    assert r.fields[LOWRANK_KEY].contents() == 2
     assert r.fields["general.architecture"].contents() == "llama"
     assert summary.n_lowrank == len(RANKS)
     Q8, F16, F32 = (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.F16,
                     gguf.GGMLQuantizationType.F32)
     # a low-rank pair replaces the dense name; gguf-py shapes are (ne0, ne1) = (cols, rows)
     assert "blk.0.attn_q.weight" not in t
-    assert list(t["blk.0.attn_q_lr_a.weight"].shape) == [64, 32]
+    # q (rank 32) and k (rank 24) share their input: one stacked A, v is dense
+    assert list(t["blk.0.attn_qkv_lr_a.weight"].shape) == [64, 32 + 24]
+    assert "blk.0.attn_q_lr_a.weight" not in t and "blk.0.attn_k_lr_a.weight" not in t
     assert list(t["blk.0.attn_q_lr_b.weight"].shape) == [32, 64]
-    assert t["blk.0.attn_q_lr_a.weight"].tensor_type == Q8
+    assert t["blk.0.attn_qkv_lr_a.weight"].tensor_type == Q8
     assert t["blk.0.attn_q_lr_b.weight"].tensor_type == Q8
     # rank 24 does not fit the 32-wide block: B falls back to F16, A (rows of 64) stays Q8_0
     assert list(t["blk.0.attn_k_lr_b.weight"].shape) == [24, 32]
     assert t["blk.0.attn_k_lr_b.weight"].tensor_type == F16
-    assert t["blk.0.attn_k_lr_a.weight"].tensor_type == Q8
     assert any("blk.0.attn_k_lr_b.weight" in f for f in summary.fallbacks)
+    assert list(t["blk.1.ffn_gate_up_lr_a.weight"].shape) == [64, 32 + 32]
+    assert list(t["blk.1.attn_output_lr_a.weight"].shape) == [64, 32]
     # dense matrices keep their names; norms F32; embeddings at the chosen type
     assert list(t["blk.0.attn_v.weight"].shape) == [64, 32]
     assert t["blk.0.attn_v.weight"].tensor_type == Q8
@@ -100,8 +104,10 @@ def test_tensor_names_shapes_types(tiny, tmp_path):
     assert t["blk.0.attn_norm.weight"].tensor_type == F32
     assert t["token_embd.weight"].tensor_type == F16
     assert "output.weight" not in t  # tied
-    n_pairs = sum(1 for n in t if n.endswith("_lr_a.weight"))
-    assert n_pairs == len(RANKS) and sum(1 for n in t if n.endswith("_lr_b.weight")) == len(RANKS)
+    assert sorted(n for n in t if n.endswith("_lr_a.weight")) == [
+        "blk.0.attn_qkv_lr_a.weight", "blk.0.ffn_down_lr_a.weight",
+        "blk.1.attn_output_lr_a.weight", "blk.1.ffn_gate_up_lr_a.weight"]
+    assert sum(1 for n in t if n.endswith("_lr_b.weight")) == len(RANKS)
 
 
 def test_q4_0_where_the_rank_fits(tiny, tmp_path):
@@ -122,9 +128,9 @@ def test_rope_permutation_on_b_rows_only(tiny, tmp_path):
     _, t = _reader(out)
     q = model.get_submodule("model.layers.0.self_attn.q_proj")
     k = model.get_submodule("model.layers.0.self_attn.k_proj")
-    a = np.asarray(t["blk.0.attn_q_lr_a.weight"].data)
+    a = np.asarray(t["blk.0.attn_qkv_lr_a.weight"].data)  # A_q rows, then A_k rows
     b = np.asarray(t["blk.0.attn_q_lr_b.weight"].data)
-    np.testing.assert_array_equal(a, q.A.weight.detach().numpy())
+    np.testing.assert_array_equal(a, np.concatenate([q.A.weight.detach().numpy(), k.A.weight.detach().numpy()]))
     np.testing.assert_array_equal(b, permute_rows(q.B.weight.detach().numpy(), 4))
     assert not np.array_equal(b, q.B.weight.detach().numpy())
     kb = np.asarray(t["blk.0.attn_k_lr_b.weight"].data)
@@ -244,24 +250,28 @@ def _export_tampered(lr_dir, out, monkeypatch, drop=None, reshape=None, version=
 
 
 @pytest.mark.llamacpp
-def test_missing_factor_fails_at_load_naming_it(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["blk.1.ffn_up_lr_b.weight", "blk.1.ffn_gate_up_lr_a.weight",
+                                  "blk.0.attn_qkv_lr_a.weight", "blk.0.ffn_down_lr_a.weight"])
+def test_missing_factor_fails_at_load_naming_it(tiny, tmp_path, monkeypatch, name):
     _need_build()
     from swiftsvd_export.backends.gguf import runtime
 
     out = tmp_path / "missing.gguf"
-    _export_tampered(tiny[0], out, monkeypatch, drop="blk.1.ffn_up_lr_b.weight")
-    with pytest.raises(SwiftSVDError, match=r"blk\.1\.ffn_up_lr_b\.weight"):
+    _export_tampered(tiny[0], out, monkeypatch, drop=name)
+    with pytest.raises(SwiftSVDError, match=rf"missing tensor '{re.escape(name)}'"):
         runtime.open_model(out, n_ctx=64)
 
 
 @pytest.mark.llamacpp
-def test_mismatched_shape_fails_at_load_naming_it(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["blk.0.attn_q_lr_b.weight", "blk.1.attn_output_lr_b.weight"])
+def test_mismatched_shape_fails_at_load_naming_it(tiny, tmp_path, monkeypatch, name):
+    """One column less in B: a stacked A no longer matches the ranks (both named), a single A its B."""
     _need_build()
     from swiftsvd_export.backends.gguf import runtime
 
     out = tmp_path / "shape.gguf"
-    _export_tampered(tiny[0], out, monkeypatch, reshape="blk.0.attn_q_lr_b.weight")
-    with pytest.raises(SwiftSVDError, match=r"blk\.0\.attn_q_lr_b\.weight"):
+    _export_tampered(tiny[0], out, monkeypatch, reshape=name)
+    with pytest.raises(SwiftSVDError, match=re.escape(name)):
         runtime.open_model(out, n_ctx=64)
 
 

@@ -86,6 +86,23 @@ def test_cli_refuses_latent_cache_on_a_dense_model(tiny_model_dir, tmp_path, cap
     assert not out.exists()
 
 
+def test_gguf_defaults_to_latent_v_when_v_is_factorized(tiny, tiny_model_dir, tmp_path, capsys):
+    """Compressed with v_proj factorized everywhere: V-latent by default; `--kv-cache dense` still dense;
+    a dense model (no factors) stays dense by default."""
+    from swiftsvd_export.cli import main
+
+    lr_dir = tiny[0]
+    for args, want in (([], [1, 1]), (["--kv-cache", "dense"], None)):
+        out = tmp_path / f"cli{len(args)}.gguf"
+        assert main(["export", "--target", "gguf", str(lr_dir), str(out), "--factor-type", "f32", *args]) == 0
+        r, _ = _reader(out)
+        assert (list(r.fields[KV_LAYOUT_KEY].contents()) if KV_LAYOUT_KEY in r.fields else None) == want
+    assert "KV cache latent-v" in capsys.readouterr().out
+    out = tmp_path / "dense.gguf"
+    assert main(["export", "--target", "gguf", str(tiny_model_dir), str(out)]) == 0
+    assert KV_LAYOUT_KEY not in _reader(out)[0].fields
+
+
 # ---------------------------------------------------------------- patched llama.cpp
 
 def _open(path, n_ctx=1024, **kw):
@@ -208,7 +225,7 @@ def test_layout_without_factor_fails_at_load(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(writer, "check_kv_cache", lambda *a: 1)
     out = tmp_path / "bad.gguf"
     export_gguf(tmp_path / "m", out, factor_type="f32", quiet=True, kv_cache="latent-v")
-    with pytest.raises(SwiftSVDError, match=r"layer 0 caches a latent but 'blk\.0\.attn_v_lr_a\.weight' is absent"):
+    with pytest.raises(SwiftSVDError, match=r"layer 0 caches a latent but 'blk\.0\.attn_v_lr_b\.weight' is absent"):
         runtime.open_model(out, n_ctx=64)
 
 

@@ -8,9 +8,14 @@
 ``LABEL=svd:R`` makes a plain truncated-SVD model at ratio R (k = floor((1-R)·m·n/(m+n)) rounded
 down to a multiple of 32) when no compressed folder is at hand.
 
-Each measurement runs in a child process (peak RSS is the child's VmHWM). Prefill tokens/s on
-128 tokens and decode tokens/s at context 128 and 1024 come from llama.cpp's own timings
-(llama_perf_context). The table also gives the bytes each decoded token reads and the speedup
+Speeds are measured side by side: for each (type, threads) one child process loads every model and
+alternates between them token by token, so all models see the same machine load (this VM's 2 cores
+are shared). Prefill tokens/s on 128 tokens (median of ``--repeats``) and decode tokens/s at
+context 128 and 1024 (median over ``--decode`` tokens of llama.cpp's own per-token timing,
+llama_perf_context) come from llama.cpp; peak RSS is a separate child per model (VmHWM).
+``--wait`` picks OpenMP's wait policy for the children: ggml's barriers between graph nodes are OpenMP
+barriers, so ``passive`` puts a thread to sleep and wakes it at every node (~2 per matmul), ``active``
+spins. The table also gives the bytes each decoded token reads and the speedup
 those bytes predict: all weight tensors (the tied embedding counts once, as the output head) plus,
 at context c, the F16 K/V cache rows of the c cached positions that attention reads (the same for
 dense and compressed models, so it lowers the predicted speedup at long contexts).
@@ -31,40 +36,63 @@ sys.path.insert(0, str(ROOT))
 from swiftsvd_export.memory import peak_rss_mib  # noqa: E402
 
 
-def child(gguf: str, threads: int, n_decode: int, prefill: int, contexts: list[int]) -> dict:
+def child_rss(gguf: str, threads: int, n_decode: int, prefill: int, contexts: list[int]) -> dict:
+    """Peak RSS of one model doing the benchmark's work (its own process: VmHWM is per process)."""
+    import numpy as np
+
+    from swiftsvd_export.backends.gguf import runtime
+
+    llm = runtime.open_model(gguf, n_ctx=max(contexts) + n_decode + 8, n_threads=threads, n_batch=512)
+    toks = [int(x) for x in np.random.default_rng(0).integers(100, min(llm.n_vocab(), 40000), size=max(contexts) + 8)]
+    llm.eval(toks[:max(contexts)])
+    for t in toks[max(contexts):]:
+        llm.eval([t])
+    return {"peak_rss_mib": peak_rss_mib()}
+
+
+def child_speed(ggufs: list[str], threads: int, n_decode: int, prefill: int, contexts: list[int],
+                repeats: int) -> list[dict]:
+    """Prefill and decode speeds of several models, interleaved (same load for all), from llama.cpp's timings."""
     import numpy as np
 
     from swiftsvd_export.backends.gguf import runtime
 
     n_ctx = max(contexts) + n_decode + 8
-    t0 = time.time()
-    llm = runtime.open_model(gguf, n_ctx=n_ctx, n_threads=threads, n_batch=512)
-    load_s = time.time() - t0
-    rng = np.random.default_rng(0)
-    vocab = llm.n_vocab()
-    toks = [int(x) for x in rng.integers(100, min(vocab, 40000), size=max(contexts) + n_decode)]
-    out = {"load_s": load_s}
-    # prefill
-    llm.reset()
-    runtime.perf_reset(llm)
-    llm.eval(toks[:prefill])
-    runtime.sync(llm)
-    p = runtime.perf(llm)
-    out["prefill_tok_s"] = p["n_p_eval"] / (p["t_p_eval_ms"] / 1e3)
-    for ctx in contexts:
-        llm.reset()
-        llm.eval(toks[:ctx])
-        runtime.sync(llm)
-        runtime.perf_reset(llm)
-        for t in toks[ctx:ctx + n_decode]:
-            llm.eval([t])
+    llms = [runtime.open_model(g, n_ctx=n_ctx, n_threads=threads, n_batch=512) for g in ggufs]
+    vocab = min(llm.n_vocab() for llm in llms)
+    toks = [int(x) for x in np.random.default_rng(0).integers(100, min(vocab, 40000), size=max(contexts) + n_decode)]
+    out: list[dict] = [{} for _ in llms]
+    pre: list[list[float]] = [[] for _ in llms]
+    for _ in range(repeats):
+        for i, llm in enumerate(llms):
+            llm.reset()
+            runtime.perf_reset(llm)
+            llm.eval(toks[:prefill])
             runtime.sync(llm)
-        p = runtime.perf(llm)
-        out[f"decode_tok_s@{ctx}"] = p["n_eval"] / (p["t_eval_ms"] / 1e3)
-    out["peak_rss_mib"] = peak_rss_mib()
+            p = runtime.perf(llm)
+            pre[i].append(p["n_p_eval"] / (p["t_p_eval_ms"] / 1e3))
+    for i in range(len(llms)):
+        out[i]["prefill_tok_s"] = float(np.median(pre[i]))
+    for ctx in contexts:
+        for llm in llms:
+            llm.reset()
+            llm.eval(toks[:ctx])
+            runtime.sync(llm)
+            runtime.perf_reset(llm)
+        ms: list[list[float]] = [[] for _ in llms]
+        last = [0.0] * len(llms)
+        for t in toks[ctx:ctx + n_decode]:
+            for i, llm in enumerate(llms):
+                llm.eval([t])
+                runtime.sync(llm)
+                total = runtime.perf(llm)["t_eval_ms"]
+                ms[i].append(total - last[i])
+                last[i] = total
+        for i in range(len(llms)):
+            q1, med, q3 = np.percentile(ms[i], [25, 50, 75])
+            out[i][f"decode_tok_s@{ctx}"] = 1e3 / med
+            out[i][f"decode_ms_iqr@{ctx}"] = [float(q1), float(q3)]
     return out
-
-
 
 
 def tensor_bytes(gguf_path: Path) -> tuple[int, int]:
@@ -128,18 +156,23 @@ def main() -> int:
     ap.add_argument("--model", action="append", default=[], metavar="LABEL=SOURCE")
     ap.add_argument("--types", nargs="+", default=["f16", "q8_0"])
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
-    ap.add_argument("--decode", type=int, default=32, help="tokens decoded per context (default 32)")
+    ap.add_argument("--decode", type=int, default=48, help="tokens decoded per context (default 48)")
+    ap.add_argument("--repeats", type=int, default=5, help="prefill repeats (default 5)")
     ap.add_argument("--prefill", type=int, default=128)
     ap.add_argument("--contexts", nargs="+", type=int, default=[128, 1024])
     ap.add_argument("--work", type=Path, default=None, help="where GGUFs are written (default: cache)")
     ap.add_argument("--json", type=Path, default=Path("bench_gguf.json"))
-    ap.add_argument("--spin", action="store_true",
-                    help="keep OpenMP's default busy-wait (default: OMP_WAIT_POLICY=PASSIVE, which keeps "
-                         "2-thread runs sane when the CPU is shared)")
-    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--wait", nargs="+", choices=["active", "passive"], default=["active", "passive"],
+                    help="OMP_WAIT_POLICY for multi-threaded runs, each a set of rows (default both; 1 thread "
+                         "has no barriers and runs once)")
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    ap.add_argument("--child-rss", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        print(json.dumps(child(a.child, a.threads[0], a.decode, a.prefill, a.contexts)))
+        if a.child_rss:
+            print(json.dumps(child_rss(a.child[0], a.threads[0], a.decode, a.prefill, a.contexts)))
+        else:
+            print(json.dumps(child_speed(a.child, a.threads[0], a.decode, a.prefill, a.contexts, a.repeats)))
         return 0
 
     import logging
@@ -153,36 +186,47 @@ def main() -> int:
     work = a.work or cache_root() / "bench_gguf"
     work.mkdir(parents=True, exist_ok=True)
     models = a.model or ["dense=smollm2-135m", "0.2=svd:0.2", "0.4=svd:0.4"]
-    env = dict(os.environ)
-    if not a.spin:
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # one BLAS thread in the children: numpy's OpenBLAS threads would otherwise compete for the 2 cores
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+
+    def run_child(args: list[str], wait: str) -> str:
+        res = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
+                             env=dict(env, OMP_WAIT_POLICY=wait.upper()))
+        if res.returncode != 0:
+            print(res.stderr[-2000:], file=sys.stderr)
+            raise SystemExit(f"child failed: {' '.join(args)}")
+        return res.stdout.strip().splitlines()[-1]
+
+    common = ["--decode", str(a.decode), "--prefill", str(a.prefill), "--repeats", str(a.repeats),
+              "--contexts", *map(str, a.contexts)]
     rows = []
-    for spec in models:
-        label, src = spec.split("=", 1)
-        folder = resolve_model(label, src, work)
-        for t in a.types:
+    for t in a.types:
+        paths: dict[str, Path] = {}
+        for spec in models:
+            label, src = spec.split("=", 1)
+            folder = resolve_model(label, src, work)
             path = work / f"{label}-{t}.gguf"
-            if not path.is_file() or path.stat().st_mtime < (folder / "model.safetensors").stat().st_mtime:
-                export_gguf(folder, path, factor_type=t, embed_type=t, overwrite=True, quiet=True)
-            nbytes, kv_per_position = tensor_bytes(path)
-            for th in a.threads:
-                cmd = [sys.executable, __file__, "--child", str(path), "--threads", str(th),
-                       "--decode", str(a.decode), "--prefill", str(a.prefill),
-                       "--contexts", *map(str, a.contexts)]
-                res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-                if res.returncode != 0:
-                    print(res.stderr[-2000:], file=sys.stderr)
-                    raise SystemExit(f"child failed for {path}")
-                r = json.loads(res.stdout.strip().splitlines()[-1])
-                r.update(model=label, source=str(folder), type=t, threads=th,
-                         file_mib=path.stat().st_size / 2**20, bytes_per_token=nbytes,
-                         kv_bytes_per_position=kv_per_position)
-                rows.append(r)
-                print(f"  {label:6} {t:5} {th}t: " + ", ".join(
-                    f"{k}={v:.1f}" for k, v in r.items() if isinstance(v, float)), flush=True)
-    dense = {(r["type"], r["threads"]): r for r in rows if r["model"] == "dense"}
+            if not path.is_file() or path.stat().st_mtime < max(
+                    (folder / "model.safetensors").stat().st_mtime, Path(export_gguf.__code__.co_filename).stat().st_mtime):
+                # dense KV cache for every model: this compares weights (issue 5); KV layouts: bench_kv_llamacpp.py
+                export_gguf(folder, path, factor_type=t, embed_type=t, overwrite=True, quiet=True, kv_cache="dense")
+            paths[label] = path
+        rss = {label: json.loads(run_child(["--child", str(p), "--child-rss", "--threads", "1", *common], "passive"))
+               for label, p in paths.items()}
+        for th in a.threads:
+            for wait in (["passive"] if th == 1 else a.wait):
+                res = json.loads(run_child(["--child", *map(str, paths.values()), "--threads", str(th), *common], wait))
+                for (label, path), r in zip(paths.items(), res):
+                    nbytes, kv_per_position = tensor_bytes(path)
+                    r.update(model=label, source=str(path), type=t, threads=th,
+                             omp_wait_policy=wait if th > 1 else "-", file_mib=path.stat().st_size / 2**20,
+                             bytes_per_token=nbytes, kv_bytes_per_position=kv_per_position, **rss[label])
+                    rows.append(r)
+                    print(f"  {label:6} {t:5} {th}t {r['omp_wait_policy']:7}: " + ", ".join(
+                        f"{k}={v:.1f}" for k, v in r.items() if isinstance(v, float)), flush=True)
+    dense = {(r["type"], r["threads"], r["omp_wait_policy"]): r for r in rows if r["model"] == "dense"}
     for r in rows:
-        d = dense.get((r["type"], r["threads"]))
+        d = dense.get((r["type"], r["threads"], r["omp_wait_policy"]))
         if d:
             r["expected_speedup"] = d["bytes_per_token"] / r["bytes_per_token"]
             for ctx in a.contexts:
@@ -191,21 +235,23 @@ def main() -> int:
                 r[f"expected_speedup@{ctx}"] = expected
                 r[f"speedup@{ctx}"] = r[f"decode_tok_s@{ctx}"] / d[f"decode_tok_s@{ctx}"]
                 r[f"meets_0.9x_target@{ctx}"] = r[f"speedup@{ctx}"] >= 0.9 * expected
-    hdr = (f"| model | type | threads | file MiB | prefill tok/s | " +
+    hdr = (f"| model | type | threads | wait | file MiB | prefill tok/s | " +
            " | ".join(f"decode tok/s @{c}" for c in a.contexts) +
            " | peak RSS MiB | predicted speedup @" + " / @".join(map(str, a.contexts)) +
-           " | speedup @" + " / @".join(map(str, a.contexts)) + " |")
+           " | speedup @" + " / @".join(map(str, a.contexts)) + " | ≥ 0.9 × predicted |")
     lines = [hdr, "|" + "---|" * (hdr.count("|") - 1)]
     for r in rows:
         sp = " / ".join(f"{r.get(f'speedup@{c}', float('nan')):.2f}" for c in a.contexts)
         ex = " / ".join(f"{r.get(f'expected_speedup@{c}', float('nan')):.2f}" for c in a.contexts)
-        lines.append(f"| {r['model']} | {r['type']} | {r['threads']} | {r['file_mib']:.1f} | "
+        met = " / ".join("yes" if r.get(f"meets_0.9x_target@{c}") else "no" for c in a.contexts)
+        lines.append(f"| {r['model']} | {r['type']} | {r['threads']} | {r['omp_wait_policy']} | {r['file_mib']:.1f} | "
                      f"{r['prefill_tok_s']:.0f} | " +
                      " | ".join(f"{r[f'decode_tok_s@{c}']:.1f}" for c in a.contexts) +
-                     f" | {r['peak_rss_mib']:.0f} | {ex} | {sp} |")
+                     f" | {r['peak_rss_mib']:.0f} | {ex} | {sp} | {'—' if r['model'] == 'dense' else met} |")
     print("\n".join(lines))
-    a.json.write_text(json.dumps({"cpu_count": os.cpu_count(), "loadavg": os.getloadavg(),
-                                  "omp_wait_policy": env.get("OMP_WAIT_POLICY", "default"), "rows": rows, "table": lines}, indent=2) + "\n")
+    a.json.write_text(json.dumps({"cpu_count": os.cpu_count(), "loadavg_at_end": os.getloadavg(),
+                                  "decode_tokens": a.decode, "prefill_repeats": a.repeats,
+                                  "rows": rows, "table": lines}, indent=2) + "\n")
     print(f"wrote {a.json}")
     return 0
 

@@ -80,8 +80,8 @@ def computed_kv(gguf: Path, elt_bytes: int = 2) -> dict:
     shapes = {t.name: [int(x) for x in t.shape] for t in r.tensors}
     rows = 0
     for il, bits in enumerate(layout):
-        rows += shapes[f"blk.{il}.attn_k_lr_a.weight"][1] if bits & 2 else d_kv
-        rows += shapes[f"blk.{il}.attn_v_lr_a.weight"][1] if bits & 1 else d_kv
+        rows += shapes[f"blk.{il}.attn_k_lr_b.weight"][0] if bits & 2 else d_kv  # B is {k, out}
+        rows += shapes[f"blk.{il}.attn_v_lr_b.weight"][0] if bits & 1 else d_kv
     return {"n_layer": n_layer, "d_kv": d_kv, "bytes_per_token": rows * elt_bytes,
             "dense_bytes_per_token": 2 * n_layer * d_kv * elt_bytes, "fraction": rows / (2 * n_layer * d_kv)}
 

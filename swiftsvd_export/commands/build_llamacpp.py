@@ -16,6 +16,7 @@ def add_parser(sub) -> None:
                     "reuses the cache.",
         epilog="examples:\n"
                "  swiftsvd-export build-llamacpp\n"
-               "  swiftsvd-export build-llamacpp --force -j 2\n")
+               "  swiftsvd-export build-llamacpp --force -j 2\n"
+               "  swiftsvd-export build-llamacpp --unpatched --no-bindings   # stock llama.cpp, for a test\n")
     build.add_build_arguments(p)
     p.set_defaults(func=lambda a: build.main(args=a))

@@ -25,9 +25,10 @@ def add_parser(sub) -> None:
     p.add_argument("model_dir", help="compressed model folder (or a dense transformers folder)")
     p.add_argument("output", help="output folder (onnx) or file (gguf)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    p.add_argument("--kv-cache", default="dense",
-                   help="KV cache layout: dense (default), latent-v (cache A_V·x, needs v_proj factorized "
-                        "in every layer) or latent-kv (cache A_K·x and A_V·x, rebuild K each step)")
+    p.add_argument("--kv-cache", default=None,
+                   help="KV cache layout: dense, latent-v (cache A_V·x, needs v_proj factorized in every "
+                        "layer) or latent-kv (cache A_K·x and A_V·x, rebuild K each step); default: "
+                        "latent-v for gguf when v_proj is factorized in every layer, else dense")
     for target in TARGETS:
         _backend_cli(target).add_export_arguments(p.add_argument_group(f"{target} options"))
     p.set_defaults(func=_run)
@@ -36,7 +37,7 @@ def add_parser(sub) -> None:
 def _run(args) -> int:
     backend = _backend_cli(args.target)
     # A backend opts in to latent caches by listing its layouts; never export dense in their place.
-    if args.kv_cache != "dense" and args.kv_cache not in getattr(backend, "KV_CACHE_LAYOUTS", ("dense",)):
+    if args.kv_cache not in (None, "dense") and args.kv_cache not in getattr(backend, "KV_CACHE_LAYOUTS", ("dense",)):
         raise SwiftSVDError(f"--kv-cache {args.kv_cache} is not supported for --target {args.target}; "
                             f"supported: {', '.join(getattr(backend, 'KV_CACHE_LAYOUTS', ('dense',)))}")
     return backend.run_export(args)

@@ -262,8 +262,8 @@ def gguf_artifact(path: Path) -> Artifact:
     layout = field("swiftsvd.kv_cache.layout") or [0] * layers  # bit 0: V latent, bit 1: K latent
 
     def width(il: int, proj: str, bit: int, dense: int) -> int:
-        a = tensors.get(f"blk.{il}.attn_{proj}_lr_a.weight")
-        return int(a.shape[1]) if layout[il] & bit and a is not None else dense  # A is {in, k}
+        b = tensors.get(f"blk.{il}.attn_{proj}_lr_b.weight")
+        return int(b.shape[0]) if layout[il] & bit and b is not None else dense  # B is {k, out}
 
     kv = sum(width(il, "k", 2, kv_heads * head_dim) + width(il, "v", 1, kv_heads * v_dim) for il in range(layers))
     return Artifact(name=path.name, kind="gguf", path=path,

@@ -7,6 +7,8 @@ Cache layout under ``cache_root()/llamacpp``::
     work/llama.cpp, work/build              scratch tree (fixed paths, so ccache hits across builds)
     ccache/                                 ccache store (unless $CCACHE_DIR is set)
     <llama.cpp commit>-<patch hash>/        libllama.so, libggml*.so, build.json
+    <llama.cpp commit>-unpatched-<hash>/    the same llama.cpp without the patches (``--unpatched``), for the
+                                            check that stock llama.cpp refuses a low-rank GGUF
 
 The patch hash covers the patch series and the build options, so changing either makes a new key.
 One implementation: ``tools/build_llamacpp.py`` and ``swiftsvd-export build-llamacpp`` both call
@@ -82,10 +84,13 @@ def default_unity() -> bool:
     return os.environ.get("SWIFTSVD_LLAMACPP_UNITY", "0") == "1"
 
 
-def lib_dir(native: bool = True, unity: bool | None = None, patches_dir: Path | None = None) -> Path:
-    """Where the patched libraries for the current patch series live (may not exist yet)."""
+def lib_dir(native: bool = True, unity: bool | None = None, patches_dir: Path | None = None,
+            unpatched: bool = False) -> Path:
+    """Where the patched (or, with ``unpatched``, stock) libraries live (may not exist yet)."""
     unity = default_unity() if unity is None else unity
     opts = cmake_options(native, unity)
+    if unpatched:
+        return cache_root() / "llamacpp" / f"{LLAMA_CPP_COMMIT}-unpatched-{patch_hash([], opts)}"
     return cache_root() / "llamacpp" / f"{LLAMA_CPP_COMMIT}-{patch_hash(patch_files(patches_dir), opts)}"
 
 
@@ -163,11 +168,11 @@ def apply_patches(src: Path, patches: list[Path]) -> None:
 
 
 def build_libs(force: bool = False, native: bool = True, unity: bool | None = None, jobs: int | None = None,
-               patches_dir: Path | None = None) -> Path:
+               patches_dir: Path | None = None, unpatched: bool = False) -> Path:
     unity = default_unity() if unity is None else unity
-    patches = patch_files(patches_dir)
+    patches = [] if unpatched else patch_files(patches_dir)
     opts = cmake_options(native, unity)
-    out = cache_root() / "llamacpp" / f"{LLAMA_CPP_COMMIT}-{patch_hash(patches, opts)}"
+    out = lib_dir(native, unity, patches_dir, unpatched)
     if is_built(out) and not force:
         log.info("patched libllama cached in %s", out)
         return out
@@ -216,7 +221,7 @@ def build_libs(force: bool = False, native: bool = True, unity: bool | None = No
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    log.info("built patched libllama in %.0f s (build step %.0f s) -> %s", t_done - t0, t_done - t_build, out)
+    log.info("built libllama in %.0f s (build step %.0f s) -> %s", t_done - t0, t_done - t_build, out)
     return out
 
 
@@ -253,10 +258,11 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     t0 = time.time()
     out = build_libs(force=args.force, native=not args.portable, unity=args.unity or default_unity(),
-                     jobs=args.jobs)
+                     jobs=args.jobs, unpatched=args.unpatched)
     if not args.no_bindings:
         install_bindings()
-    print(f"patched llama.cpp ready in {time.time() - t0:.1f} s: LLAMA_CPP_LIB_PATH={out}")
+    what = "stock (unpatched)" if args.unpatched else "patched"
+    print(f"{what} llama.cpp ready in {time.time() - t0:.1f} s: LLAMA_CPP_LIB_PATH={out}")
     return 0
 
 
@@ -267,6 +273,9 @@ def add_build_arguments(p) -> None:
                                                          "which run time reads as well)")
     p.add_argument("--jobs", "-j", type=int, default=None, help="parallel compile jobs (default: all cores)")
     p.add_argument("--no-bindings", action="store_true", help="do not pip-install llama-cpp-python")
+    p.add_argument("--unpatched", action="store_true",
+                   help="build the same llama.cpp without the patches into its own cache folder (for the test "
+                        "that stock llama.cpp refuses a low-rank GGUF; ccache reuses most of the patched build)")
 
 
 def build_argument_parser() -> argparse.ArgumentParser:

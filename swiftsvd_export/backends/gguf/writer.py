@@ -1,8 +1,10 @@
 """Write a compressed (or dense) llama model folder as GGUF with low-rank tensor pairs.
 
 Spec (targets/llamacpp/README.md): a factorized linear of block N is stored as
-``blk.N.<name>_lr_a.weight`` (A, k x in) and ``blk.N.<name>_lr_b.weight`` (B, out x k) instead of
-``blk.N.<name>.weight``; the file carries ``swiftsvd.lowrank.version = 1`` (uint32). A latent KV cache
+``blk.N.<name>_lr_b.weight`` (B, out x k) instead of ``blk.N.<name>.weight``, with its A (k x in) in
+``blk.N.<name>_lr_a.weight``, or, for linears that share their input (q/k/v, gate/up), stacked with the
+others' A's in ``blk.N.attn_qkv_lr_a.weight`` / ``blk.N.ffn_gate_up_lr_a.weight`` (one matmul for the
+group); the file carries ``swiftsvd.lowrank.version = 2`` (uint32). A latent KV cache
 (``kv_cache``) adds ``swiftsvd.kv_cache.layout``: one uint32 per layer, bit 0 = cache A_V·x, bit 1 = A_K·x.
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ from ...lowrank import FORMAT_VERSION, read_config
 log = logging.getLogger(__name__)
 
 LOWRANK_KEY = "swiftsvd.lowrank.version"
-LOWRANK_VERSION = 1
+LOWRANK_VERSION = 2
 LOWRANK_RANKS_KEY = "swiftsvd.lowrank.ranks"  # informative only; llama.cpp reads ranks from shapes
 KV_LAYOUT_KEY = "swiftsvd.kv_cache.layout"
 # --kv-cache value -> per-layer layout bits (1: V latent, 2: K latent) and the projections it needs factorized
@@ -38,6 +40,8 @@ LINEARS = {
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
+# linears that read the same input: their A's are stacked (rows in this order) into one tensor
+STACKED_A = {"attn_qkv": ("attn_q", "attn_k", "attn_v"), "ffn_gate_up": ("ffn_gate", "ffn_up")}
 NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
 QUANT_BLOCK = 32
 
@@ -68,10 +72,12 @@ class ExportSummary:
     n_dense: int = 0
     fallbacks: list[str] = field(default_factory=list)
     size_bytes: int = 0
+    kv_cache: str = "dense"
 
     def lines(self) -> list[str]:
         out = [f"wrote {self.path} ({self.size_bytes / 2**20:.1f} MiB, {self.n_tensors} tensors: "
-               f"{self.n_lowrank} low-rank pairs, {self.n_dense} dense block matrices)"]
+               f"{self.n_lowrank} low-rank pairs, {self.n_dense} dense block matrices; "
+               f"KV cache {self.kv_cache})"]
         if self.fallbacks:
             out.append(f"{len(self.fallbacks)} tensors stored as F16 because their rows do not fit "
                        f"the {QUANT_BLOCK}-wide quantization block: " + ", ".join(self.fallbacks[:6])
@@ -173,9 +179,15 @@ def check_kv_cache(kv_cache: str, ranks: dict[str, int], n_layer: int, where: st
     return bits
 
 
+def default_kv_cache(ranks: dict[str, int], n_layer: int) -> str:
+    """``latent-v`` when every layer's v_proj is factorized (a smaller cache at no decode cost), else ``dense``."""
+    return "latent-v" if all(f"model.layers.{i}.self_attn.v_proj" in ranks for i in range(n_layer)) else "dense"
+
+
 def export_gguf(model_dir: str | Path, output: str | Path, factor_type: str = "f16",
                 embed_type: str = "f16", overwrite: bool = False, quiet: bool = False,
-                kv_cache: str = "dense") -> ExportSummary:
+                kv_cache: str | None = None) -> ExportSummary:
+    """Write the GGUF; ``kv_cache`` None picks :func:`default_kv_cache`."""
     import gguf
 
     folder = Path(model_dir)
@@ -209,10 +221,11 @@ def export_gguf(model_dir: str | Path, output: str | Path, factor_type: str = "f
                or n.split(".", 3)[3] not in LINEARS]
     if unknown:
         raise SwiftSVDError(f"{folder}: low-rank modules the GGUF target cannot place: {unknown[:3]}")
+    kv_cache = kv_cache or default_kv_cache(ranks, n_layer)
     kv_bits = check_kv_cache(kv_cache, ranks, n_layer, str(folder))
 
     w = _Weights(folder)
-    summary = ExportSummary(path=Path(output))
+    summary = ExportSummary(path=Path(output), kv_cache=kv_cache)
     fallbacks = summary.fallbacks
     factor_q, embed_q = qtypes[factor_type], qtypes[embed_type]
     F16 = qtypes["f16"]
@@ -264,6 +277,7 @@ def export_gguf(model_dir: str | Path, output: str | Path, factor_type: str = "f
             pre = f"model.layers.{i}"
             for hf, gg in NORMS.items():
                 add(f"blk.{i}.{gg}.weight", w.get(f"{pre}.{hf}.weight"), qtypes["f32"])
+            a_of: dict[str, np.ndarray] = {}
             for hf, gg in LINEARS.items():
                 heads = n_head if gg == "attn_q" else n_head_kv if gg == "attn_k" else None
                 module = f"{pre}.{hf}"
@@ -274,7 +288,7 @@ def export_gguf(model_dir: str | Path, output: str | Path, factor_type: str = "f
                                             f"match rank {ranks[module]}")
                     if heads:
                         b = permute_rows(b, heads)
-                    add(f"blk.{i}.{gg}_lr_a.weight", a, factor_q)
+                    a_of[gg] = a
                     add(f"blk.{i}.{gg}_lr_b.weight", b, factor_q)
                     summary.n_lowrank += 1
                 else:
@@ -283,6 +297,12 @@ def export_gguf(model_dir: str | Path, output: str | Path, factor_type: str = "f
                         d = permute_rows(d, heads)
                     add(f"blk.{i}.{gg}.weight", d, factor_q)
                     summary.n_dense += 1
+            for group, members in STACKED_A.items():
+                stack = [a_of.pop(m) for m in members if m in a_of]
+                if stack:
+                    add(f"blk.{i}.{group}_lr_a.weight", np.concatenate(stack), factor_q)
+            for gg, a in a_of.items():
+                add(f"blk.{i}.{gg}_lr_a.weight", a, factor_q)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

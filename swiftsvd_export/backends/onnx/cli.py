@@ -30,7 +30,7 @@ def run_export(args) -> int:
 
     export_onnx(args.model_dir, args.output, precision=args.precision, quantize=args.quantize,
                 block_size=args.block_size, mobile=args.mobile, overwrite=args.overwrite,
-                kv_cache=getattr(args, "kv_cache", "dense"))
+                kv_cache=getattr(args, "kv_cache", None) or "dense")
     return 0
 
 
