@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             raise
         print(f"swiftsvd-export {args.command}: error: {e}", file=sys.stderr)
+        dist = sys.modules.get("swiftsvd_export.distributed")
+        if dist is not None:
+            dist.exit_on_error(e.exit_code)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"swiftsvd-export {args.command}: interrupted", file=sys.stderr)

@@ -98,6 +98,15 @@ def _shutdown() -> None:
         dist.destroy_process_group()
 
 
+def exit_on_error(code: int) -> None:
+    """After a one-line error under torchrun, leave at once: tearing down a gloo group whose peers
+    already left can abort the process ("terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return (text.splitlines()[0] if text else type(e).__name__)[:240]

@@ -46,11 +46,11 @@ def parse_size(text: str | int | None) -> int | None:
     return value
 
 
-def rss_bytes() -> tuple[int, int]:
-    """(VmRSS, VmHWM) of this process in bytes (0, 0 where /proc is absent)."""
+def rss_bytes(pid: int | str = "self") -> tuple[int, int]:
+    """(VmRSS, VmHWM) of a process (this one by default) in bytes (0, 0 where /proc is absent)."""
     now = peak = 0
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 now = int(line.split()[1]) * 1024
             elif line.startswith("VmHWM:"):

@@ -38,18 +38,8 @@ SYNTH = dict(vocab_size=49152, hidden_size=2048, intermediate_size=5632, num_hid
              num_attention_heads=32, num_key_value_heads=32)
 GiB = 2**30
 
-
-def _status(pid: int) -> tuple[int, int]:
-    now = peak = 0
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                now = int(line.split()[1]) * 1024
-            elif line.startswith("VmHWM:"):
-                peak = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return now, peak
+sys.path.insert(0, str(ROOT))
+from swiftsvd_export.memory_budget import rss_bytes  # noqa: E402
 
 
 def run_compress(name: str, args: list[str], env: dict) -> dict:
@@ -61,7 +51,7 @@ def run_compress(name: str, args: list[str], env: dict) -> dict:
         p = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
         samples, hwm = [], 0
         while p.poll() is None:
-            now, peak = _status(p.pid)
+            now, peak = rss_bytes(p.pid)
             if now:
                 samples.append((round(time.perf_counter() - t0, 2), now))
                 hwm = max(hwm, peak)

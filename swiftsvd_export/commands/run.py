@@ -15,7 +15,7 @@ def add_parser(sub) -> None:
         "run", help="compress the default model and ship it to the default targets, gated (no arguments needed)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="`swiftsvd-export release` with the shipped default config: the embedded "
-                    "SmolLM2-135M-Instruct, the shipped calibration set, ratio 0.4, exported for a "
+                    "SmolLM2-135M-Instruct, the shipped calibration set, ratio 0.2 (sequential), exported for a "
                     "laptop (llama.cpp Q8_0, onnxruntime fp32) and a phone (onnxruntime int8 + ORT format), "
                     "validated against the dense model and gated on thresholds a 2-core x86 laptop meets. "
                     "Prints the gate table and where the report is. Exit 1 when a threshold misses.",
