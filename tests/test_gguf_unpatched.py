@@ -2,8 +2,8 @@
 
 Needs the same llama.cpp built without the patches (``swiftsvd-export build-llamacpp --unpatched``,
 a few minutes after the patched build thanks to ccache). Marked ``llamacpp_unpatched``: skipped where
-that build does not exist, except under ``SWIFTSVD_CI=1`` (``.ci/run``, which builds it), where a
-missing build fails. ``LLAMA_CPP_LIB_PATH`` is read once per process, so stock llama.cpp runs in a
+that build does not exist, except in CI (``CI`` set, as ``.ci/run`` runs: ``tools/setup.sh --test``
+builds it), where a missing build fails. ``LLAMA_CPP_LIB_PATH`` is read once per process, so stock llama.cpp runs in a
 child process.
 """
 from __future__ import annotations
@@ -47,11 +47,11 @@ print(json.dumps({"loaded": True, "log": "", "logits": [float(x) for x in llm.sc
 
 @pytest.fixture(scope="module")
 def stock():
-    """The stock build's folder (skip, or fail under SWIFTSVD_CI=1, when it is missing)."""
+    """The stock build's folder (skip, or fail in CI, when it is missing)."""
     d = build.lib_dir(unpatched=True)
     if not build.is_built(d):
         msg = f"stock llama.cpp not built ({d}): run `swiftsvd-export build-llamacpp --unpatched`"
-        if os.environ.get("SWIFTSVD_CI") == "1":
+        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
             pytest.fail(msg)
         pytest.skip(msg)
     return d

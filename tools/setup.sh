@@ -2,7 +2,7 @@
 # Install swiftsvd-export and what it needs on a fresh machine (idempotent, cached).
 #   bash tools/setup.sh          # the package, its pinned deps, the embedded default model and
 #                                # the patched llama.cpp (libllama) build, cached
-#   bash tools/setup.sh --test   # the same + the test dependencies
+#   bash tools/setup.sh --test   # the same + the test dependencies and stock llama.cpp
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -27,3 +27,8 @@ fi
 # ~13-20 min on 2 cores, then seconds), and the llama-cpp-python bindings without a native build.
 # The default release (`swiftsvd-export run`) has a llama.cpp target, so both modes build it.
 swiftsvd-export build-llamacpp
+if [[ "${1:-}" == "--test" ]]; then
+  # Stock llama.cpp (the same sources without the patches, ~2 min after the patched build thanks to
+  # ccache, then cached) for the test that it refuses a low-rank GGUF instead of misreading it.
+  swiftsvd-export build-llamacpp --unpatched --no-bindings
+fi
