@@ -172,17 +172,22 @@ def convert_gguf(gguf_path: Path) -> Path:
     return out
 
 
-def resolve(model: str) -> Path:
-    """Turn a model argument into a local transformers folder."""
-    if model in _EMBEDDED:
-        return convert_gguf(embedded_gguf(model))
-    path = Path(model)
+def model_path(model: str) -> Path:
+    """The file or folder a model argument names (an embedded name gives its GGUF): a folder, or a
+    .gguf file, or a one-line error."""
+    path = embedded_gguf(model) if model in _EMBEDDED else Path(model)
     if not path.exists():
         raise SwiftSVDError(f"model path {model!r} does not exist "
                             f"(give a folder, a .gguf file, or one of: {', '.join(_EMBEDDED)})")
+    if path.is_file() and path.suffix != ".gguf":
+        raise SwiftSVDError(f"{path}: a model file must be a .gguf; otherwise give a folder")
+    return path
+
+
+def resolve(model: str) -> Path:
+    """Turn a model argument into a local transformers folder."""
+    path = model_path(model)
     if path.is_file():
-        if path.suffix != ".gguf":
-            raise SwiftSVDError(f"{path}: a model file must be a .gguf; otherwise give a folder")
         return convert_gguf(path)
     if not (path / "config.json").is_file():
         raise SwiftSVDError(f"{path}: not a transformers model folder (no config.json)")

@@ -71,15 +71,10 @@ def open_source(model_arg: str):
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     from .lowrank import is_lowrank_folder
-    from .models import _EMBEDDED, _fix_gguf_tokenizer, embedded_gguf
+    from .models import _fix_gguf_tokenizer, model_path
 
-    path = embedded_gguf(model_arg) if model_arg in _EMBEDDED else Path(model_arg)
-    if not path.exists():
-        raise SwiftSVDError(f"model path {model_arg!r} does not exist "
-                            f"(give a folder, a .gguf file, or one of: {', '.join(_EMBEDDED)})")
+    path = model_path(model_arg)
     if path.is_file():
-        if path.suffix != ".gguf":
-            raise SwiftSVDError(f"{path}: a model file must be a .gguf; otherwise give a folder")
         from .models import check_gguf
 
         check_gguf(path)
