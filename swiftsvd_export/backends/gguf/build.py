@@ -174,7 +174,7 @@ def build_libs(force: bool = False, native: bool = True, unity: bool | None = No
     opts = cmake_options(native, unity)
     out = lib_dir(native, unity, patches_dir, unpatched)
     if is_built(out) and not force:
-        log.info("patched libllama cached in %s", out)
+        log.info("%s libllama cached in %s", "stock" if unpatched else "patched", out)
         return out
     t0 = time.time()
     sdist = fetch_sdist()
