@@ -142,23 +142,30 @@ def _gguf_cache_dir(gguf_path: Path) -> Path:
     return cache_root() / "models" / f"{gguf_path.stem}-{key}"
 
 
-def convert_gguf(gguf_path: Path) -> Path:
-    """Dequantize a GGUF into a cached transformers folder (fp32 safetensors) and return it."""
-    out = _gguf_cache_dir(gguf_path)
-    if (out / "model.safetensors").is_file() and (out / "config.json").is_file():
-        return out
-    check_gguf(gguf_path)
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def read_gguf_header(gguf_path: Path):
+    """(config, tokenizer) of a GGUF after checking the file and that its architecture is supported."""
+    from transformers import AutoConfig, AutoTokenizer
 
-    log.info("converting %s to a cached transformers checkpoint (once)...", gguf_path.name)
+    check_gguf(gguf_path)
     kw = dict(gguf_file=gguf_path.name)
     try:
         config = AutoConfig.from_pretrained(gguf_path.parent, **kw)
     except Exception as e:
         raise SwiftSVDError(f"{gguf_path}: cannot read the model config ({e})") from None
     spec_for(config)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
-    tokenizer = _fix_gguf_tokenizer(AutoTokenizer.from_pretrained(gguf_path.parent, **kw), gguf_path)
+    return config, _fix_gguf_tokenizer(AutoTokenizer.from_pretrained(gguf_path.parent, **kw), gguf_path)
+
+
+def convert_gguf(gguf_path: Path) -> Path:
+    """Dequantize a GGUF into a cached transformers folder (fp32 safetensors) and return it."""
+    out = _gguf_cache_dir(gguf_path)
+    if (out / "model.safetensors").is_file() and (out / "config.json").is_file():
+        return out
+    from transformers import AutoModelForCausalLM
+
+    _, tokenizer = read_gguf_header(gguf_path)
+    log.info("converting %s to a cached transformers checkpoint (once)...", gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, gguf_file=gguf_path.name)
     # transformers may mark a GGUF-loaded model as quantized and then refuse save_pretrained.
     for attr in ("hf_quantizer", "quantization_method"):
         if hasattr(model, attr):

@@ -71,20 +71,11 @@ def open_source(model_arg: str):
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     from .lowrank import is_lowrank_folder
-    from .models import _fix_gguf_tokenizer, model_path
+    from .models import model_path, read_gguf_header
 
     path = model_path(model_arg)
     if path.is_file():
-        from .models import check_gguf
-
-        check_gguf(path)
-        kw = dict(gguf_file=path.name)
-        try:
-            config = AutoConfig.from_pretrained(path.parent, **kw)
-        except Exception as e:
-            raise SwiftSVDError(f"{path}: cannot read the model config ({e})") from None
-        spec_for(config)
-        tokenizer = _fix_gguf_tokenizer(AutoTokenizer.from_pretrained(path.parent, **kw), path)
+        config, tokenizer = read_gguf_header(path)
         model = skeleton(config)
         return config, tokenizer, model, GGUFSource(path, model), None
     if not (path / "config.json").is_file():
