@@ -461,6 +461,8 @@ def compress_model(model, tokenizer, cfg: CompressConfig, ranks: dict[str, int] 
                 prefix = f"{spec.layers_path}.{bstats.index}."
                 t1 = time.perf_counter()
                 for group in spec.groups:
+                    if group.name not in bstats.grams:  # with --refit, one group per call (covariance.calibrate)
+                        continue
                     weights = {prefix + lin: layer.get_submodule(lin).weight for lin in group.linears
                                if prefix + lin in ranks}
                     if not weights:

@@ -59,6 +59,14 @@ def check_layout(layout: str, config, ranks: dict[str, int]) -> None:
                             f"not factorized: {missing[0]}{more}")
 
 
+def default_layout(ranks: dict[str, int], n_layer: int, model_type: str = "llama") -> str:
+    """The cache a compressed model ships with: ``latent-v`` when every layer's v_proj is factorized
+    (a smaller cache at no decode cost) and the architecture has latent layouts, else ``dense``."""
+    if not getattr(REGISTRY.get(model_type), "latent_kv", False):
+        return "dense"
+    return "latent-v" if all(f"model.layers.{i}.self_attn.v_proj" in ranks for i in range(n_layer)) else "dense"
+
+
 def cache_shapes(config, ranks: dict[str, int], layout: str) -> list[tuple[tuple[int, int], tuple[int, int]]]:
     """Per layer, the (key, value) cache shapes without the batch and sequence axes: (heads, width)."""
     check_layout(layout, config, ranks)

@@ -40,7 +40,8 @@ from .atomic import atomic_dir, check_output
 from .calibration import DEFAULT_CALIBRATION, build_calibration
 from .compress import (CompressConfig, CompressResult, build_manifest, choose_ranks, folder_bytes, format_summary,
                        gather_stats, linear_shapes, ranks_for_ratio, ratio_budget, target_bytes_budget)
-from .covariance import BlockStats, _block_output, capture_block_inputs, kwargs_for
+from .covariance import (BlockStats, block_forward, capture_block_inputs, check_finite_grams, cosine_sum,
+                         gram_accumulators, input_hooks, kwargs_for)
 from .errors import SwiftSVDError
 from .lowrank import DTYPES, FORMAT_VERSION, LowRankLinear, _materialize_buffers, _state_dict_for_saving, \
     replace_module, save_lowrank
@@ -219,31 +220,17 @@ class StreamingPass:
         names = list(layer.state_dict())
         layer.load_state_dict({k[len(prefix):]: v for k, v in self.source.read(prefix + k for k in names).items()},
                               strict=True, assign=True)
-        grams: dict[str, torch.Tensor] = {}
-        hooks = []
-        for group in spec.groups:  # the accumulation of covariance.calibrate
-            first = layer.get_submodule(group.linears[0])
-            acc = grams[group.name] = torch.zeros(first.in_features, first.in_features, dtype=torch.float64)
-
-            def hook(_mod, args, acc=acc):
-                x = args[0].reshape(-1, args[0].shape[-1]).float()
-                acc += (x.T @ x).double()
-            hooks.append(first.register_forward_pre_hook(hook))
+        grams, add = gram_accumulators(layer, spec.groups)  # the accumulation of covariance.calibrate
         cos_sum = 0.0
-        try:
+        with input_hooks(layer, spec.groups, add):
             for start in range(0, hidden.shape[0], batch_size):
                 x = hidden.read(start, start + batch_size)
-                y = _block_output(layer(x, **kwargs_for(layer, kwargs)))
+                y = block_forward(layer, x, kwargs_for(layer, kwargs))
                 if not torch.isfinite(y).all():
                     raise SwiftSVDError(f"NaN or Inf in the activations leaving block {i}")
                 outs.write(start, y)
-                cos_sum += torch.nn.functional.cosine_similarity(x, y, dim=-1).double().sum().item()
-        finally:
-            for h in hooks:
-                h.remove()
-        for group in spec.groups:
-            if not torch.isfinite(grams[group.name]).all():
-                raise SwiftSVDError(f"NaN or Inf in the activations at the input of {prefix}{group.linears[0]}")
+                cos_sum += cosine_sum(x, y)
+        check_finite_grams(grams, spec, i)
         n_tokens = hidden.shape[0] * hidden.shape[1]
         stats = BlockStats(i, grams, n_tokens, 1.0 - cos_sum / n_tokens, time.perf_counter() - t0)
         if on_block is not None:

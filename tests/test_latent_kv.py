@@ -18,8 +18,8 @@ from swiftsvd_export.backends.onnx.export import export_onnx
 from swiftsvd_export.backends.onnx.latent_export import METADATA_KEY
 from swiftsvd_export.backends.onnx.runtime import OrtDecoder
 from swiftsvd_export.errors import SwiftSVDError
-from swiftsvd_export.latent_kv import (LAYOUTS, LatentLlama, cache_shapes, kv_bytes_per_token, latent_greedy,
-                                       latent_logits, model_ranks)
+from swiftsvd_export.latent_kv import (LAYOUTS, LatentLlama, cache_shapes, default_layout, kv_bytes_per_token,
+                                       latent_greedy, latent_logits, model_ranks)
 from swiftsvd_export.lowrank import replace_module, save_lowrank
 from swiftsvd_export.torch_reference import torch_greedy, torch_logits
 
@@ -191,6 +191,22 @@ def test_cli_export_and_generate_latent(model_dir, tmp_path, capsys):
     assert "kv-cache latent-kv" in capsys.readouterr().err
     assert main(["export", "--target", "onnx", str(model_dir), str(tmp_path / "x"), "--kv-cache", "latent-q"]) == 2
     assert "latent-q" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_cli_default_is_latent_v_when_v_is_factorized(model_dir, tmp_path):
+    """The CLI ships the V-latent cache for a compressed model; --kv-cache dense gives optimum's graph."""
+    import json
+
+    from swiftsvd_export.cli import main
+
+    for args, layout, graph_from in (([], "latent-v", "torch-reference"), (["--kv-cache", "dense"], "dense", "optimum")):
+        out = tmp_path / layout
+        assert main(["export", "--target", "onnx", str(model_dir), str(out), *args]) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert (summary["kv_cache"]["layout"], summary["graph_from"]) == (layout, graph_from)
+    dense_attn = tiny_lowrank({"mlp.up_proj": 48})  # v_proj dense: nothing to cache as a latent
+    assert default_layout(model_ranks(dense_attn), dense_attn.config.num_hidden_layers) == "dense"
+    assert default_layout(model_ranks(dense_attn), 2, "gemma3_text") == "dense"
 
 
 # --- bad input -------------------------------------------------------------------------------

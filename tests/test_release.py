@@ -268,6 +268,10 @@ def test_release_passes_then_an_impossible_threshold_fails(tmp_path, capsys, tin
     assert release["gate"]["passed"] and release["targets"][0]["artifact"] == "artifacts/onnx"
     report = json.loads((out / "validation" / "report.json").read_text())
     assert report["artifacts"][0]["path"] == "artifacts/onnx"  # relative to the moved folder
+    # the product default: the V-latent cache exactly when v_proj is factorized in every layer
+    summary = json.loads((out / "artifacts/onnx/summary.json").read_text())
+    v_everywhere = all(f"model.layers.{i}.self_attn.v_proj" in summary["ranks"] for i in range(summary["num_hidden_layers"]))
+    assert summary["kv_cache"]["layout"] == ("latent-v" if v_everywhere else "dense")
     assert str(tmp_path / ".rel") not in (out / "validation" / "report.md").read_text()
     root = ET.parse(out / "junit.xml").getroot()
     assert len(root.findall(".//testcase")) == 5 and not root.findall(".//failure")

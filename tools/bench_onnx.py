@@ -13,8 +13,15 @@ Compressed models: ``--compressed 0.4=out/smol-0.4`` uses a folder from
 factorized here by plain truncated SVD with k = floor((1-r)*m*n/(m+n)) per linear (left dense
 where that would not save), which has the same shapes and so the same speed.
 
+``--graph traced`` exports every model (dense included) as the graph traced from the project's
+torch reference with a dense KV cache (``export_onnx(..., traced=True)``) instead of optimum's:
+the same attention code for all models, which multiplies grouped queries against the cached K/V
+where optimum's graph expands K and V per query head every step (a cost compression does not
+shrink).
+
     python tools/bench_onnx.py --out bench_onnx.json              # ~10 min on 2 busy cores
     python tools/bench_onnx.py --threads 1 --decode-steps 8        # shorter
+    python tools/bench_onnx.py --graph traced --out bench_onnx_traced.json
 """
 from __future__ import annotations
 
@@ -115,6 +122,8 @@ def main() -> int:
     ap.add_argument("--contexts", default="128,1024")
     ap.add_argument("--decode-steps", type=int, default=16)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--graph", choices=("optimum", "traced"), default="optimum",
+                    help="optimum's exporter (default) or the graph traced from the torch reference")
     ap.add_argument("--work", default="bench_onnx_work", help="folder for the exported graphs (reused)")
     ap.add_argument("--out", default="bench_onnx.json")
     ap.add_argument("--child", nargs=2, metavar=("FOLDER", "THREADS"), help=argparse.SUPPRESS)
@@ -134,9 +143,9 @@ def main() -> int:
     work.mkdir(exist_ok=True)
     given = dict(c.split("=", 1) for c in a.compressed)
     variants = [("dense", None)] + [(f"r{r}", float(r)) for r in a.ratios.split(",")]
-    summaries = {}
+    summaries, folders = {}, {}
     for name, ratio in variants:
-        dst = work / name
+        dst = folders[name] = work / (name if a.graph == "optimum" else f"{name}-traced")
         if not (dst / "summary.json").is_file():
             t = time.time()
             src = given.get(str(ratio)) if ratio is not None else None
@@ -144,7 +153,7 @@ def main() -> int:
             if ratio is not None and src is None:
                 svd_compress(model, ratio)
             export_onnx(src or f"smollm2-135m (truncated SVD r={ratio})" if ratio else "smollm2-135m", dst,
-                        model=model, tokenizer=tok, overwrite=True)
+                        model=model, tokenizer=tok, overwrite=True, traced=a.graph == "traced")
             print(f"exported {name} in {time.time() - t:.0f}s", file=sys.stderr)
         summaries[name] = json.loads((dst / "summary.json").read_text())
 
@@ -152,9 +161,9 @@ def main() -> int:
     for name, _ in variants:
         s = summaries[name]
         wbytes = sum(s["initializer_bytes"].values())
-        kv_per_position = kv_bytes_per_position(work / name)
+        kv_per_position = kv_bytes_per_position(folders[name])
         for th in [int(x) for x in a.threads.split(",")]:
-            cmd = [sys.executable, __file__, "--child", str(work / name), str(th), "--prefill", str(a.prefill),
+            cmd = [sys.executable, __file__, "--child", str(folders[name]), str(th), "--prefill", str(a.prefill),
                    "--contexts", a.contexts, "--decode-steps", str(a.decode_steps), "--reps", str(a.reps)]
             env = dict(os.environ, OMP_NUM_THREADS=str(th))
             r = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -189,7 +198,7 @@ def main() -> int:
               + " ".join(f"{r[f'speedup@{c}']:>8.2f}" for c in contexts) + " "
               + " ".join(f"{r[f'target_speedup@{c}']:>8.2f}" for c in contexts)
               + f" {r['peak_rss_mb']:>7.0f}")
-    meta = {"cpu_count": os.cpu_count(), "load_avg_at_end": os.getloadavg(), "prefill": a.prefill,
+    meta = {"graph": a.graph, "cpu_count": os.cpu_count(), "load_avg_at_end": os.getloadavg(), "prefill": a.prefill,
             "contexts": contexts, "decode_steps": a.decode_steps, "reps": a.reps,
             "compressed_source": given or "truncated SVD in tools/bench_onnx.py"}
     Path(a.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")

@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
                "  swiftsvd-export export --target onnx out/smol-0.4 out/smol-0.4-onnx --quantize int8\n"
-               "  swiftsvd-export export --target onnx out/smol-0.4 out/smol-0.4-onnx-lv --kv-cache latent-v\n"
+               "  swiftsvd-export export --target onnx out/smol-0.4 out/smol-0.4-onnx-optimum --kv-cache dense\n"
                "  swiftsvd-export export --target gguf out/smol-0.4 out/smol-0.4.gguf --factor-type q8_0\n")
     p.add_argument("--target", choices=sorted(TARGETS), required=True)
     p.add_argument("model_dir", help="compressed model folder (or a dense transformers folder)")
@@ -28,7 +28,9 @@ def add_parser(sub) -> None:
     p.add_argument("--kv-cache", default=None,
                    help="KV cache layout: dense, latent-v (cache A_V·x, needs v_proj factorized in every "
                         "layer) or latent-kv (cache A_K·x and A_V·x, rebuild K each step); default: "
-                        "latent-v for gguf when v_proj is factorized in every layer, else dense")
+                        "latent-v when v_proj is factorized in every layer, else dense. For onnx, "
+                        "--kv-cache dense gives optimum's graph (what ORTModelForCausalLM loads); a latent "
+                        "graph runs with `generate --target onnx` (the project's own loop)")
     for target in TARGETS:
         _backend_cli(target).add_export_arguments(p.add_argument_group(f"{target} options"))
     p.set_defaults(func=_run)

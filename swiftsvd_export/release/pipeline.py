@@ -81,12 +81,14 @@ def is_release_folder(path: Path) -> bool:
 
 
 def export_target(model_dir: Path, dest: Path, target: Target) -> dict:
-    """Lower the compressed folder with the target profile's export options."""
+    """Lower the compressed folder with the target profile's export options; the KV cache layout
+    is the CLI's default for both formats (V-latent when v_proj is factorized in every layer)
+    unless the profile names one."""
     profile = target.profile
     if profile.format == "onnx":
         from ..backends.onnx.export import export_onnx
 
-        return export_onnx(model_dir, dest, **profile.export)
+        return export_onnx(model_dir, dest, **{"kv_cache": None, **profile.export})
     from ..backends.gguf.writer import export_gguf
 
     s = export_gguf(model_dir, dest, quiet=True, **profile.export)

@@ -5,7 +5,8 @@ Profile file::
 
     description = "..."
     format = "onnx" | "gguf"
-    [export]          # onnx: precision, quantize, block_size, mobile; gguf: factor_type, embed_type
+    [export]          # onnx: precision, quantize, block_size, mobile; gguf: factor_type, embed_type;
+                      # both: kv_cache (default: latent-v when v_proj is factorized everywhere, else dense)
     [requires]        # rank_multiple: compress ranks must be a multiple of it (quantization blocks)
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from ..backends.gguf.cli import EMBED_TYPES, FACTOR_TYPES
 from ..backends.onnx.cli import PRECISIONS, QUANTIZE
 from ..errors import SwiftSVDError
+from ..latent_kv import LAYOUTS as KV_LAYOUTS
 from .schema import read_toml, take
 
 PROFILES_DIR = Path(__file__).resolve().parents[2] / "targets" / "profiles"
@@ -23,8 +25,8 @@ PROFILES_DIR = Path(__file__).resolve().parents[2] / "targets" / "profiles"
 FORMATS = ("onnx", "gguf")
 PROFILE_SCHEMA = {"description": str, "format": FORMATS, "export": dict, "requires": dict}
 EXPORT_SCHEMA = {
-    "onnx": {"precision": PRECISIONS, "quantize": QUANTIZE, "block_size": int, "mobile": bool},
-    "gguf": {"factor_type": FACTOR_TYPES, "embed_type": EMBED_TYPES},
+    "onnx": {"precision": PRECISIONS, "quantize": QUANTIZE, "block_size": int, "mobile": bool, "kv_cache": KV_LAYOUTS},
+    "gguf": {"factor_type": FACTOR_TYPES, "embed_type": EMBED_TYPES, "kv_cache": KV_LAYOUTS},
 }
 REQUIRES_SCHEMA = {"rank_multiple": int}
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from ...atomic import atomic_file
 from ...errors import SwiftSVDError
+from ...latent_kv import default_layout
 from ...lowrank import FORMAT_VERSION, read_config
 
 log = logging.getLogger(__name__)
@@ -179,15 +180,10 @@ def check_kv_cache(kv_cache: str, ranks: dict[str, int], n_layer: int, where: st
     return bits
 
 
-def default_kv_cache(ranks: dict[str, int], n_layer: int) -> str:
-    """``latent-v`` when every layer's v_proj is factorized (a smaller cache at no decode cost), else ``dense``."""
-    return "latent-v" if all(f"model.layers.{i}.self_attn.v_proj" in ranks for i in range(n_layer)) else "dense"
-
-
 def export_gguf(model_dir: str | Path, output: str | Path, factor_type: str = "f16",
                 embed_type: str = "f16", overwrite: bool = False, quiet: bool = False,
                 kv_cache: str | None = None) -> ExportSummary:
-    """Write the GGUF; ``kv_cache`` None picks :func:`default_kv_cache`."""
+    """Write the GGUF; ``kv_cache`` None picks ``latent_kv.default_layout``."""
     import gguf
 
     folder = Path(model_dir)
@@ -221,7 +217,7 @@ def export_gguf(model_dir: str | Path, output: str | Path, factor_type: str = "f
                or n.split(".", 3)[3] not in LINEARS]
     if unknown:
         raise SwiftSVDError(f"{folder}: low-rank modules the GGUF target cannot place: {unknown[:3]}")
-    kv_cache = kv_cache or default_kv_cache(ranks, n_layer)
+    kv_cache = kv_cache or default_layout(ranks, n_layer)
     kv_bits = check_kv_cache(kv_cache, ranks, n_layer, str(folder))
 
     w = _Weights(folder)

@@ -30,7 +30,7 @@ def run_export(args) -> int:
 
     export_onnx(args.model_dir, args.output, precision=args.precision, quantize=args.quantize,
                 block_size=args.block_size, mobile=args.mobile, overwrite=args.overwrite,
-                kv_cache=getattr(args, "kv_cache", None) or "dense")
+                kv_cache=getattr(args, "kv_cache", None))  # None: latent-v when v_proj is factorized everywhere
     return 0
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ...atomic import atomic_dir, check_output
 from ...errors import SwiftSVDError
-from ...latent_kv import LAYOUTS, check_layout, kv_bytes_per_token
+from ...latent_kv import LAYOUTS, check_layout, default_layout, kv_bytes_per_token
 from .graph import PairReport, check_pairs, initializer_bytes, ort_optimized, shape_counts
 from .latent_export import METADATA_KEY, check_latent_pairs, export_traced_graph, write_layout
 from .quantize import check_block_size, quantize_int8_dynamic, quantize_nbits, save_model, to_fp16
@@ -181,12 +181,15 @@ def _files_size(folder: Path, names) -> int:
 
 def export_onnx(model_dir: str | Path, output: str | Path, precision: str = "fp32", quantize: str = "none",
                 block_size: int | None = None, mobile: bool = False, overwrite: bool = False,
-                opset: int | None = None, model=None, tokenizer=None, kv_cache: str = "dense",
+                opset: int | None = None, model=None, tokenizer=None, kv_cache: str | None = "dense",
                 traced: bool = False) -> dict:
     """Export ``model_dir`` to the folder ``output``; returns the summary written to summary.json.
 
     ``kv_cache`` picks the cache layout (``latent_kv.LAYOUTS``); a latent layout on a model whose
-    cached projections are not factorized in every layer is refused, never exported dense.
+    cached projections are not factorized in every layer is refused, never exported dense. None
+    (the CLI's default) picks ``latent_kv.default_layout``: latent-v for a model whose v_proj is
+    factorized everywhere. The API default stays ``dense``: optimum's graph, the one
+    ``ORTModelForCausalLM`` loads.
     ``traced`` exports a dense cache from the torch reference too (not optimum's graph): the
     like-for-like baseline the KV-cache benchmark compares the latent graphs with.
 
@@ -195,7 +198,7 @@ def export_onnx(model_dir: str | Path, output: str | Path, precision: str = "fp3
     """
     import onnx
 
-    validate_options(precision, quantize, block_size, kv_cache)
+    validate_options(precision, quantize, block_size, kv_cache or "dense")
     output = Path(output)
     check_output(output, overwrite)
     t0 = time.time()
@@ -208,6 +211,7 @@ def export_onnx(model_dir: str | Path, output: str | Path, precision: str = "fp3
     factors = factor_shapes(model)
     config = model.config
     ranks = {n: k for n, (_, _, k) in factors.items()}
+    kv_cache = kv_cache or default_layout(ranks, config.num_hidden_layers, config.model_type)
     check_layout(kv_cache, config, ranks)
     own_graph = traced or kv_cache != "dense"  # traced from the torch reference, not optimum's exporter
 
