@@ -3,6 +3,9 @@
 
 For each model and thread count (in a fresh child process, so peak RSS is the model's own):
 prefill tokens/s at 128 tokens, decode tokens/s at context 128 and 1024, peak RSS, file size.
+Then, per thread count, one more child loads all models and alternates their decode runs round
+by round; the decode speeds and speedups come from that child, so a change of machine load hits
+all models alike (``--separate``: from the per-model children instead, as before 2026-11-30).
 Target: decode speedup of compressed over dense >= 0.9 x (dense bytes / compressed bytes read
 per decoded token), from the same run. Bytes read per token at context c: every weight
 initializer (the tied embedding is read in full as the output head) plus the fp32 K/V cache rows
@@ -106,6 +109,49 @@ def child(folder: str, threads: int, prefill: int, contexts: list[int], steps: i
 
 
 
+def child_interleaved(folders: list[str], threads: int, contexts: list[int], steps: int, reps: int) -> dict:
+    """Runs in a fresh process: decode tokens/s of every folder, the models alternating run by run
+    (``reps`` rounds of ``steps`` tokens each, best round), so a change of machine load hits all of
+    them alike; the speedups come from these figures."""
+    import numpy as np
+
+    from swiftsvd_export.backends.onnx.runtime import OrtDecoder
+
+    decs = {f: OrtDecoder(f, threads=threads) for f in folders}
+    vocab = json.loads((Path(folders[0]) / "config.json").read_text())["vocab_size"]
+    rng = np.random.default_rng(0)
+    tok = np.asarray([[1]])
+    out: dict = {f: {} for f in folders}
+    for ctx in contexts:
+        ids = rng.integers(0, vocab, size=(1, ctx))
+        caches = {}
+        for f, dec in decs.items():
+            _, cache = dec.step(ids, None, 0)
+            dec.step(tok, cache, ctx)  # warm-up at this context
+            caches[f] = cache
+        best = {f: math.inf for f in folders}
+        for _ in range(reps):
+            for f, dec in decs.items():
+                c = caches[f]
+                t = time.perf_counter()
+                for i in range(steps):
+                    _, c = dec.step(tok, c, ctx + i)
+                best[f] = min(best[f], time.perf_counter() - t)
+        for f in folders:
+            out[f][f"decode_tok_s@{ctx}"] = steps / best[f]
+    return out
+
+
+def _run_child(args: list[str], threads: int, a) -> dict:
+    """This script in a fresh process with ``threads`` threads; its last stdout line as JSON."""
+    cmd = [sys.executable, __file__, *args, "--prefill", str(a.prefill), "--contexts", a.contexts,
+           "--decode-steps", str(a.decode_steps), "--reps", str(a.reps)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+    if r.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def _timed(fn) -> float:
     t = time.perf_counter()
     fn()
@@ -126,11 +172,19 @@ def main() -> int:
                     help="optimum's exporter (default) or the graph traced from the torch reference")
     ap.add_argument("--work", default="bench_onnx_work", help="folder for the exported graphs (reused)")
     ap.add_argument("--out", default="bench_onnx.json")
+    ap.add_argument("--separate", action="store_true",
+                    help="decode speeds from each model's own child process, one after another, instead of "
+                         "one child that alternates the models round by round (the default)")
     ap.add_argument("--child", nargs=2, metavar=("FOLDER", "THREADS"), help=argparse.SUPPRESS)
+    ap.add_argument("--child-interleaved", nargs="+", metavar="FOLDER... THREADS", help=argparse.SUPPRESS)
     a = ap.parse_args()
     contexts = [int(c) for c in a.contexts.split(",")]
     if a.child:
         print(json.dumps(child(a.child[0], int(a.child[1]), a.prefill, contexts, a.decode_steps, a.reps)))
+        return 0
+    if a.child_interleaved:
+        *folders_, threads = a.child_interleaved
+        print(json.dumps(child_interleaved(folders_, int(threads), contexts, a.decode_steps, a.reps)))
         return 0
 
     import logging
@@ -163,19 +217,21 @@ def main() -> int:
         wbytes = sum(s["initializer_bytes"].values())
         kv_per_position = kv_bytes_per_position(folders[name])
         for th in [int(x) for x in a.threads.split(",")]:
-            cmd = [sys.executable, __file__, "--child", str(folders[name]), str(th), "--prefill", str(a.prefill),
-                   "--contexts", a.contexts, "--decode-steps", str(a.decode_steps), "--reps", str(a.reps)]
-            env = dict(os.environ, OMP_NUM_THREADS=str(th))
-            r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if r.returncode:
-                print(r.stderr[-2000:], file=sys.stderr)
-                return 1
-            m = json.loads(r.stdout.strip().splitlines()[-1])
+            m = _run_child(["--child", str(folders[name]), str(th)], th, a)
             rows.append({"model": name, "threads": th, "file_mb": s["files"]["onnx_bytes"] / 1e6,
                          "weight_bytes": wbytes, "kv_bytes_per_position": kv_per_position,
                          "factorized": s["factorized_linears"], **m})
             print(f"  {name} t={th}: {m}", file=sys.stderr)
 
+    if not a.separate:  # decode speeds from one child alternating the models (the separate runs are kept)
+        for th in [int(x) for x in a.threads.split(",")]:
+            m = _run_child(["--child-interleaved", *map(str, folders.values()), str(th)], th, a)
+            for r in rows:
+                if r["threads"] == th:
+                    for ctx in contexts:
+                        r[f"separate_decode_tok_s@{ctx}"] = r[f"decode_tok_s@{ctx}"]
+                        r[f"decode_tok_s@{ctx}"] = m[str(folders[r["model"]])][f"decode_tok_s@{ctx}"]
+            print(f"  interleaved t={th}: {m}", file=sys.stderr)
     dense = {r["threads"]: r for r in rows if r["model"] == "dense"}
     for r in rows:
         d = dense[r["threads"]]
@@ -198,7 +254,7 @@ def main() -> int:
               + " ".join(f"{r[f'speedup@{c}']:>8.2f}" for c in contexts) + " "
               + " ".join(f"{r[f'target_speedup@{c}']:>8.2f}" for c in contexts)
               + f" {r['peak_rss_mb']:>7.0f}")
-    meta = {"graph": a.graph, "cpu_count": os.cpu_count(), "load_avg_at_end": os.getloadavg(), "prefill": a.prefill,
+    meta = {"graph": a.graph, "decode_speeds": "separate children" if a.separate else "interleaved in one child", "cpu_count": os.cpu_count(), "load_avg_at_end": os.getloadavg(), "prefill": a.prefill,
             "contexts": contexts, "decode_steps": a.decode_steps, "reps": a.reps,
             "compressed_source": given or "truncated SVD in tools/bench_onnx.py"}
     Path(a.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
