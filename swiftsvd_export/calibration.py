@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .atomic import atomic_file
 from .errors import SwiftSVDError
 from .paths import cache_root
 
@@ -108,11 +107,8 @@ def token_stream(tokenizer, path: str | Path, text_field: str = "text", cache: b
     except Exception:  # missing or garbled: tokenize again
         pass
     ids = torch.tensor(_tokenize(tokenizer, path, text_field), dtype=torch.int32)
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{key}.", dir=entry.parent)
-    os.close(fd)
-    torch.save(ids, tmp)
-    os.replace(tmp, entry)
+    with atomic_file(entry, overwrite=True) as tmp:
+        torch.save(ids, tmp)
     return ids.long()
 
 

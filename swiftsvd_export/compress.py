@@ -393,6 +393,44 @@ def refit_b(A: torch.Tensor, W: torch.Tensor, G_cc: torch.Tensor, G_cd: torch.Te
 # ----------------------------------------------------------------------------- the pipeline
 
 
+def first_choice(model, shapes, cfg: CompressConfig, budget: bool = True) -> dict:
+    """What the run reports about its choices, started before calibrating: the allocation and,
+    with ``budget`` (ranks still to choose) and --target-bytes, the linear budget (an impossible
+    size fails here, before any work)."""
+    choice: dict = {"allocation": "ranks file" if cfg.ranks_file else cfg.allocation}
+    if budget and cfg.target_bytes is not None:
+        budget, info = target_bytes_budget(model, shapes, cfg)
+        choice.update(target_bytes=cfg.target_bytes, linear_budget=budget, smallest_bytes=info["smallest_bytes"],
+                      dense_bytes=info["dense_bytes"], header_bound=info["layout"]["header_bound"])
+    return choice
+
+
+def select_ranks(model, shapes, cfg: CompressConfig, stats: ModelStats | None, choice: dict, say,
+                 holdout: torch.Tensor | None = None) -> dict[str, int]:
+    """The ranks for cfg's budget (--ratio, --ranks, --target-bytes or --max-ppl-increase); the
+    budgets say what they chose and why, and ``choice`` records it."""
+    if cfg.ratio is not None:
+        if cfg.allocation == "dynamic":
+            choice["linear_budget"] = ratio_budget(shapes, cfg.ratio, cfg.rank_multiple)
+        return ranks_for_ratio(shapes, cfg.ratio, cfg, stats)
+    if cfg.ranks_file is not None:
+        return read_ranks_file(cfg.ranks_file, shapes)
+    if cfg.target_bytes is not None:
+        ranks = choose_ranks(shapes, choice["linear_budget"], cfg, stats)
+        after = param_count(shapes, ranks)[1]
+        layout = file_layout(model, shapes, cfg.dtype)
+        dense = sum(m * n for m, n in shapes.values())
+        say(f"--target-bytes {cfg.target_bytes:,}: at {cfg.dtype} ({layout['itemsize']} B/param) the "
+            f"non-factorizable tensors take {layout['base_params'] * layout['itemsize']:,} bytes and the header "
+            f"at most {layout['header_bound']:,}, leaving {choice['linear_budget']:,} parameters for the linears; "
+            f"{cfg.allocation} allocation uses {after:,} (ratio {1 - after / dense:.4f}), "
+            f"predicted file <= {bytes_for(layout, after):,} bytes")
+        return ranks
+    ranks, info = search_ppl(model, shapes, stats, holdout, cfg, say)
+    choice.update(max_ppl_increase=cfg.max_ppl_increase, **info)
+    return ranks
+
+
 def compress_model(model, tokenizer, cfg: CompressConfig, ranks: dict[str, int] | None = None,
                    compute_errors: bool = True, source=None, say=None) -> CompressResult:
     """Compress ``model`` in place (its linears become LowRankLinear) and report what was done.
@@ -404,7 +442,7 @@ def compress_model(model, tokenizer, cfg: CompressConfig, ranks: dict[str, int] 
     spec = spec_for(model.config)
     shapes = linear_shapes(model, spec)
     timers: dict[str, float] = {"factorize_s": 0.0}
-    choice: dict = {"allocation": "ranks file" if cfg.ranks_file else cfg.allocation}
+    choice = first_choice(model, shapes, cfg, budget=ranks is None)
     t_start = time.perf_counter()
     need_holdout = cfg.max_ppl_increase is not None or cfg.plots
     calib = build_calibration(tokenizer, cfg.calib or DEFAULT_CALIBRATION, cfg.nsamples, cfg.seqlen, cfg.seed,
@@ -412,10 +450,6 @@ def compress_model(model, tokenizer, cfg: CompressConfig, ranks: dict[str, int] 
     holdout = calib.holdout
     distributed.check_same(cfg, calib, model)
     timers["tokenize_s"] = time.perf_counter() - t_start
-    if ranks is None and cfg.target_bytes is not None:
-        budget, info = target_bytes_budget(model, shapes, cfg)  # fails fast, before calibrating
-        choice.update(target_bytes=cfg.target_bytes, linear_budget=budget, smallest_bytes=info["smallest_bytes"],
-                      dense_bytes=info["dense_bytes"], header_bound=info["layout"]["header_bound"])
     need_stats = (not cfg.sequential) or (cfg.allocation == "dynamic" and cfg.ranks_file is None) \
         or cfg.max_ppl_increase is not None or cfg.plots
     stats = gather_stats(model, spec, calib, cfg, source, timers) if need_stats else None
@@ -426,25 +460,7 @@ def compress_model(model, tokenizer, cfg: CompressConfig, ranks: dict[str, int] 
             cfg.rank_multiple, cfg.importance_windows, cfg.batch_size, stats.meta.get("path"))
     try:
         if ranks is None:
-            if cfg.ratio is not None:
-                ranks = ranks_for_ratio(shapes, cfg.ratio, cfg, stats)
-                if cfg.allocation == "dynamic":
-                    choice["linear_budget"] = ratio_budget(shapes, cfg.ratio, cfg.rank_multiple)
-            elif cfg.ranks_file is not None:
-                ranks = read_ranks_file(cfg.ranks_file, shapes)
-            elif cfg.target_bytes is not None:
-                ranks = choose_ranks(shapes, choice["linear_budget"], cfg, stats)
-                after = param_count(shapes, ranks)[1]
-                layout = file_layout(model, shapes, cfg.dtype)
-                dense = sum(m * n for m, n in shapes.values())
-                say(f"--target-bytes {cfg.target_bytes:,}: at {cfg.dtype} ({layout['itemsize']} B/param) the "
-                    f"non-factorizable tensors take {layout['base_params'] * layout['itemsize']:,} bytes and the header "
-                    f"at most {layout['header_bound']:,}, leaving {choice['linear_budget']:,} parameters for the linears; "
-                    f"{cfg.allocation} allocation uses {after:,} (ratio {1 - after / dense:.4f}), "
-                    f"predicted file <= {bytes_for(layout, after):,} bytes")
-            else:
-                ranks, info = search_ppl(model, shapes, stats, holdout, cfg, say)
-                choice.update(max_ppl_increase=cfg.max_ppl_increase, **info)
+            ranks = select_ranks(model, shapes, cfg, stats, choice, say, holdout)
         if cfg.plots and stats is not None:
             choice["ppl_curve"] = ppl_curve(model, shapes, stats, holdout, cfg)
         errors: dict[str, tuple[float, float]] = {}
@@ -559,12 +575,16 @@ def compress(cfg: CompressConfig) -> dict | None:
             if "ppl_curve" in result.choice:
                 plot_ppl_vs_ratio(result.choice["ppl_curve"], tmp / "ppl_vs_ratio.png",
                                   ylabel=f"held-out calibration ppl ({cfg.holdout} x {cfg.seqlen} tokens)")
+    return summarize(cfg, result, out)
+
+
+def summarize(cfg: CompressConfig, result: CompressResult, out: Path) -> dict:
+    """The job's summary of a written output folder (and the --target-bytes promise checked on it)."""
     params = result.params()
-    itemsize = DTYPES[cfg.dtype].itemsize
     summary = {**params, "normalized_reconstruction_error": result.normalized_error,
                "factorized_linears": len(result.ranks), "linears": len(result.shapes),
                "output_bytes": folder_bytes(out), "weights_bytes": (out / "model.safetensors").stat().st_size,
-               "dense_weights_bytes_same_dtype": params["model_params_dense"] * itemsize,
+               "dense_weights_bytes_same_dtype": params["model_params_dense"] * DTYPES[cfg.dtype].itemsize,
                "timings": result.timings, "output": str(out), "allocation": result.choice["allocation"],
                "choice": {k: v for k, v in result.choice.items() if k != "trace"}}
     if cfg.target_bytes is not None and summary["weights_bytes"] > cfg.target_bytes:

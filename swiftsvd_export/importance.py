@@ -23,9 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -33,6 +31,7 @@ from typing import Callable
 import torch
 
 from .allocation import block_of
+from .atomic import atomic_file
 from .covariance import capture_block_inputs, run_block
 from .ranks import uniform_ranks
 
@@ -132,10 +131,8 @@ class LossImportance:
     def _write(self, data: dict) -> None:
         if self.file is None:
             return
-        fd, tmp = tempfile.mkstemp(prefix=f".{CACHE_FILE}.", dir=self.file.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-        os.replace(tmp, self.file)
+        with atomic_file(self.file, overwrite=True) as tmp:
+            tmp.write_text(json.dumps(data, indent=1))
 
     def __call__(self, budget: int) -> list[float]:
         ratio = importance_ratio(self.shapes, budget)

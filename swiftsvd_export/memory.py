@@ -6,16 +6,25 @@ import resource
 from pathlib import Path
 
 
+def rss_bytes(pid: int | str = "self") -> tuple[int, int]:
+    """(VmRSS, VmHWM) of a process (this one by default) in bytes (0, 0 where /proc is absent)."""
+    now = peak = 0
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                now = int(line.split()[1]) * 1024
+            elif line.startswith("VmHWM:"):
+                peak = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return now, peak
+
+
 def peak_rss_mib() -> float:
     """This process's peak RSS in MiB. VmHWM belongs to the exec'd image; ru_maxrss (the
     fallback off Linux) would carry the parent's high-water mark across fork+exec."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = rss_bytes()[1]
+    return peak / 2**20 if peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def release_free_heap() -> None:

@@ -21,9 +21,9 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from .errors import SwiftSVDError
+from .memory import rss_bytes  # noqa: F401  (streaming reads it here, so a test can stand in for it)
 from .ranks import break_even
 
 _UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
@@ -44,20 +44,6 @@ def parse_size(text: str | int | None) -> int | None:
     if value <= 0:
         raise SwiftSVDError(f"--max-memory must be positive, got {text!r}")
     return value
-
-
-def rss_bytes(pid: int | str = "self") -> tuple[int, int]:
-    """(VmRSS, VmHWM) of a process (this one by default) in bytes (0, 0 where /proc is absent)."""
-    now = peak = 0
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                now = int(line.split()[1]) * 1024
-            elif line.startswith("VmHWM:"):
-                peak = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return now, peak
 
 
 def gib(n: float) -> str:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,8 +39,8 @@ from . import memory_budget
 from .architectures import spec_for
 from .atomic import atomic_dir, check_output
 from .calibration import DEFAULT_CALIBRATION, build_calibration
-from .compress import (CompressConfig, CompressResult, build_manifest, choose_ranks, folder_bytes, format_summary,
-                       gather_stats, linear_shapes, ranks_for_ratio, ratio_budget, target_bytes_budget)
+from .compress import (CompressConfig, CompressResult, build_manifest, first_choice, format_summary, gather_stats,
+                       linear_shapes, select_ranks, summarize)
 from .covariance import (BlockStats, block_forward, capture_block_inputs, check_finite_grams, cosine_sum,
                          gram_accumulators, input_hooks, kwargs_for)
 from .errors import SwiftSVDError
@@ -47,7 +48,6 @@ from .lowrank import DTYPES, FORMAT_VERSION, LowRankLinear, _materialize_buffers
     replace_module, save_lowrank
 from .memory import release_free_heap
 from .paths import cache_root
-from .ranks import read_ranks_file
 from .safetensors_writer import SafetensorsWriter
 from .weights_source import GGUFSource, SafetensorsSource
 
@@ -306,16 +306,6 @@ def _check_streamable(cfg: CompressConfig) -> None:
                                 "the whole model in memory")
 
 
-def _choose(model, shapes, cfg: CompressConfig, stats, choice: dict) -> dict[str, int]:
-    if cfg.ratio is not None:
-        if cfg.allocation == "dynamic":
-            choice["linear_budget"] = ratio_budget(shapes, cfg.ratio)
-        return ranks_for_ratio(shapes, cfg.ratio, cfg, stats)
-    if cfg.ranks_file is not None:
-        return read_ranks_file(cfg.ranks_file, shapes)
-    return choose_ranks(shapes, choice["linear_budget"], cfg, stats)
-
-
 def compress_streaming(cfg: CompressConfig, max_memory: int | str | None = None) -> dict:
     """``compress`` with layer streaming; peak RSS checked against ``max_memory`` bytes. Returns the summary."""
     cfg.validate()
@@ -339,11 +329,7 @@ def compress_streaming(cfg: CompressConfig, max_memory: int | str | None = None)
                               sum(p.numel() for p in layer.parameters()), cfg.nsamples, cfg.seqlen,
                               cfg.batch_size, source.itemsize)
     timers: dict[str, float] = {"tokenize_s": time.perf_counter() - t_start, "factorize_s": 0.0}
-    choice: dict = {"allocation": cfg.allocation}
-    if cfg.target_bytes is not None:
-        b, info = target_bytes_budget(model, shapes, cfg)
-        choice.update(target_bytes=cfg.target_bytes, linear_budget=b, smallest_bytes=info["smallest_bytes"],
-                      dense_bytes=info["dense_bytes"], header_bound=info["layout"]["header_bound"])
+    choice = first_choice(model, shapes, cfg)
     workdir = None
     if plan.spill:
         (cache_root() / "tmp").mkdir(parents=True, exist_ok=True)
@@ -352,7 +338,7 @@ def compress_streaming(cfg: CompressConfig, max_memory: int | str | None = None)
     stats = None
     try:
         stats = gather_stats(model, spec, calib, cfg, folder, timers, run_pass=run_pass)
-        ranks = _choose(model, shapes, cfg, stats, choice)
+        ranks = select_ranks(model, shapes, cfg, stats, choice, lambda msg: print(msg, file=sys.stderr, flush=True))
         lowrank_skeleton(model, ranks)
         errors: dict[str, tuple[float, float]] = {}
         result = CompressResult(model, tokenizer, ranks, shapes, errors, list(stats.importance),
@@ -378,18 +364,7 @@ def compress_streaming(cfg: CompressConfig, max_memory: int | str | None = None)
             stats.close()
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
-    params = result.params()
-    itemsize = DTYPES[cfg.dtype].itemsize
-    summary = {**params, "normalized_reconstruction_error": result.normalized_error,
-               "factorized_linears": len(ranks), "linears": len(shapes), "output_bytes": folder_bytes(out),
-               "weights_bytes": (out / "model.safetensors").stat().st_size,
-               "dense_weights_bytes_same_dtype": params["model_params_dense"] * itemsize,
-               "timings": timers, "output": str(out), "allocation": cfg.allocation, "choice": choice,
-               "streaming": streaming}
-    if cfg.target_bytes is not None and summary["weights_bytes"] > cfg.target_bytes:
-        raise SwiftSVDError(f"internal: model.safetensors is {summary['weights_bytes']:,} bytes, above "
-                            f"--target-bytes {cfg.target_bytes:,}")
-    return summary
+    return {**summarize(cfg, result, out), "streaming": streaming}
 
 
 def format_streaming_summary(s: dict) -> str:

@@ -139,17 +139,22 @@ def test_a_lost_rank_makes_rank_0_fail_within_the_timeout(tiny_model_dir, calib_
     assert not (tmp_path / "o").exists()
 
 
+def test_bad_device_and_timeout_are_one_clear_line(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["compress", str(tiny_model_dir), str(out), "--ratio", "0.4", "--device", "mps"]) == 2
+    assert "--device mps: unsupported" in capsys.readouterr().err
+    assert main(["compress", str(tiny_model_dir), str(out), "--ratio", "0.4", "--dist-timeout", "0"]) == 2
+    assert "--dist-timeout must be a positive number of seconds" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_device_cuda_without_cuda_is_one_clear_line(tiny_model_dir, tmp_path, capsys):
     if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
+        pytest.skip("this machine has CUDA: the no-GPU message cannot occur")
     out = tmp_path / "o"
     assert main(["compress", str(tiny_model_dir), str(out), "--ratio", "0.4", "--device", "cuda"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["swiftsvd-export compress: error: --device cuda: no CUDA GPU is available "
                    f"(torch {torch.__version__}, torch.cuda.is_available() is False); use --device cpu"]
-    assert main(["compress", str(tiny_model_dir), str(out), "--ratio", "0.4", "--device", "mps"]) == 2
-    assert "--device mps: unsupported" in capsys.readouterr().err
-    assert main(["compress", str(tiny_model_dir), str(out), "--ratio", "0.4", "--dist-timeout", "0"]) == 2
-    assert "--dist-timeout must be a positive number of seconds" in capsys.readouterr().err
     assert not out.exists()
 

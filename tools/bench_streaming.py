@@ -39,7 +39,7 @@ SYNTH = dict(vocab_size=49152, hidden_size=2048, intermediate_size=5632, num_hid
 GiB = 2**30
 
 sys.path.insert(0, str(ROOT))
-from swiftsvd_export.memory_budget import rss_bytes  # noqa: E402
+from swiftsvd_export.memory import rss_bytes  # noqa: E402
 
 
 def run_compress(name: str, args: list[str], env: dict) -> dict:
