@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(message)s", stream=sys.stderr)
     try:
+        from .models import check_transformers
+
+        check_transformers()
         return int(args.func(args) or 0)
     except SwiftSVDError as e:
         if args.verbose:

@@ -81,6 +81,7 @@ def start(device: str, timeout: float | None) -> bool:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     if not dist.is_initialized():
+        check_one_gpu_per_rank(device)
         dev = resolve_device(device)
         _timeout_s = timeout_seconds(timeout)
         if dev.type == "cuda":
@@ -91,6 +92,19 @@ def start(device: str, timeout: float | None) -> bool:
             raise SwiftSVDError(f"cannot join the torch.distributed process group: {_first_line(e)}") from None
         atexit.register(_shutdown)
     return dist.get_rank() != 0
+
+
+def check_one_gpu_per_rank(device: str) -> None:
+    """NCCL refuses two ranks on one GPU ("invalid usage"), so ``--device cuda:N`` given to every
+    rank of a node is refused up front; ``--device cuda`` gives each rank its LOCAL_RANK's GPU."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        return  # resolve_device names the problem
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if dev.type == "cuda" and dev.index is not None and local > 1:
+        raise SwiftSVDError(f"--device {device} puts all {local} ranks of this node on GPU {dev.index}, and NCCL "
+                            "needs one GPU per rank: use --device cuda (each rank takes the GPU of its LOCAL_RANK)")
 
 
 def _shutdown() -> None:

@@ -201,6 +201,19 @@ def resolve(model: str) -> Path:
     return path
 
 
+def check_transformers() -> None:
+    """Refuse a transformers major version this tool was never run on: the pin (4.57.6) can be
+    bypassed by an environment that already holds another one, and the failure is silent (2026-11-30:
+    SmolLM2 compressed at ratio 0.4 under transformers 5.17, then loaded and scored under 4.57.6,
+    gave perplexity 65 000 instead of 194; the cause was not traced)."""
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    if major != 4:
+        raise SwiftSVDError(f"transformers {transformers.__version__} is not supported: this tool is built and "
+                            "tested on transformers 4.57.6 (pip install 'transformers==4.57.6')")
+
+
 def load_model(model: str, dtype: torch.dtype = torch.float32):
     """Return (model, tokenizer, folder) for any accepted source; low-rank folders keep their factors."""
     from transformers import AutoConfig, AutoTokenizer

@@ -36,9 +36,10 @@ def perplexity(model, tokenizer, text: str, seqlen: int = 512, max_windows: int 
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
     model.eval()
+    device = next(model.parameters()).device  # score where the model is (a GPU too)
     nll, scored = 0.0, 0
     for w in tqdm(range(n_windows), desc="perplexity", disable=not progress, unit="win"):
-        window = ids[w * seqlen:(w + 1) * seqlen].unsqueeze(0)
+        window = ids[w * seqlen:(w + 1) * seqlen].unsqueeze(0).to(device)
         logits = model(input_ids=window, use_cache=False).logits[0, :-1].float()
         nll += torch.nn.functional.cross_entropy(logits, window[0, 1:], reduction="sum").item()
         scored += seqlen - 1

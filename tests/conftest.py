@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,8 @@ import torch
 # when the machine's two cores are shared.
 torch.set_num_threads(1)
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# ../shared/data beside the checkout, or $SWIFTSVD_SHARED_DATA where the data lies elsewhere.
+SHARED = Path(os.environ.get("SWIFTSVD_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 WIKI_TRAIN = SHARED / "wikitext2" / "wikitext-2-raw-v1.train.prefix1MB.txt"
 WIKI_TEST = SHARED / "wikitext2" / "wikitext-2-raw-v1.test.nnjoin.txt"
 

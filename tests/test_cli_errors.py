@@ -106,3 +106,15 @@ def test_cli_compress_and_ppl(capsys, tmp_path, tiny_model_dir, calib_txt):
     code = main(["ppl", str(out), "--text", str(text), "--seqlen", "128", "--json"])
     r = json.loads(capsys.readouterr().out)
     assert code == 0 and r["seqlen"] == 128 and r["tokens_scored"] == r["windows"] * 127 and r["ppl"] > 1
+
+
+def test_unsupported_transformers_major_version(capsys, tmp_path, tiny_model_dir, monkeypatch):
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    out = tmp_path / "o"
+    assert main(["compress", str(tiny_model_dir), str(out), "--ratio", "0.4"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "swiftsvd-export compress: error: transformers 5.17.0 is not supported: this tool is built and tested on "
+        "transformers 4.57.6 (pip install 'transformers==4.57.6')"]
+    assert not out.exists()

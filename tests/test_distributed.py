@@ -148,6 +148,22 @@ def test_bad_device_and_timeout_are_one_clear_line(tiny_model_dir, tmp_path, cap
     assert not out.exists()
 
 
+def test_one_gpu_for_every_rank_of_a_node_is_refused_before_nccl(monkeypatch):
+    """NCCL answers two ranks on one GPU with "invalid usage" (seen on a 1-GPU H200, NCCL 2.28.9,
+    tools/results/cuda-2026-11-30.json); the explicit cuda:N is refused with the fix instead."""
+    from swiftsvd_export import distributed
+    from swiftsvd_export.errors import SwiftSVDError
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(SwiftSVDError, match=r"--device cuda:0 puts all 2 ranks of this node on GPU 0, and NCCL "
+                                            r"needs one GPU per rank: use --device cuda \(each rank"):
+        distributed.check_one_gpu_per_rank("cuda:0")
+    distributed.check_one_gpu_per_rank("cuda")  # each rank its LOCAL_RANK's GPU
+    distributed.check_one_gpu_per_rank("cpu")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    distributed.check_one_gpu_per_rank("cuda:0")  # one rank per node (multi-node) may name its GPU
+
+
 def test_device_cuda_without_cuda_is_one_clear_line(tiny_model_dir, tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the no-GPU message cannot occur")
