@@ -70,8 +70,9 @@ def test_refuses_latent_cache_without_factors(tmp_path, layout, proj):
     model = _factorize(make_tiny_llama(seed=4), ranks)
     save_lowrank(model, tmp_path / "m", dtype="fp32", tokenizer=tok)
     out = tmp_path / "m.gguf"
-    with pytest.raises(SwiftSVDError, match=rf"--kv-cache {layout} needs {proj} factorized in every layer, "
-                                            r"but it is dense in layers 1$"):
+    needs = "k_proj and v_proj" if layout == "latent-kv" else "v_proj"
+    with pytest.raises(SwiftSVDError, match=rf"m: KV cache layout '{layout}' needs {needs} factorized in every "
+                                            rf"layer; not factorized: model\.layers\.1\.self_attn\.{proj}$"):
         export_gguf(tmp_path / "m", out, quiet=True, kv_cache=layout)
     assert not out.exists()
 
@@ -82,7 +83,7 @@ def test_cli_refuses_latent_cache_on_a_dense_model(tiny_model_dir, tmp_path, cap
     out = tmp_path / "dense.gguf"
     assert main(["export", "--target", "gguf", str(tiny_model_dir), str(out), "--kv-cache", "latent-v"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--kv-cache latent-v needs v_proj factorized in every layer" in err[0], err
+    assert len(err) == 1 and "KV cache layout 'latent-v' needs v_proj factorized in every layer" in err[0], err
     assert not out.exists()
 
 

@@ -152,7 +152,8 @@ def run_nccl(folder: Path, work: Path, args) -> dict:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420)
         rc, err = proc.returncode, proc.stderr
     except subprocess.TimeoutExpired as e:
-        rc, err = "timeout", (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        rc = "timeout"
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
     info = {"name": "nccl-2ranks", "output": str(out), "cache": env["SWIFTSVD_CACHE"], "gpus": gpus,
             "device": device, "rc": rc, "wall_s": time.perf_counter() - t,
             "errors": [ln for ln in err.splitlines() if "error:" in ln][:4],
@@ -182,6 +183,7 @@ def main() -> None:
     import platform
 
     import torch
+    import transformers
 
     from swiftsvd_export.lowrank import load
     from swiftsvd_export.models import load_model, resolve
@@ -193,8 +195,6 @@ def main() -> None:
     if "cpu-fp32" not in names or any(n not in RUNS for n in names):
         raise SystemExit(f"bench_cuda: --runs must include cpu-fp32 (the reference) and name only {', '.join(RUNS)}")
     folder = resolve(args.model)  # a GGUF is converted once, here
-    import transformers
-
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
            "transformers": transformers.__version__,
            "python": platform.python_version(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}

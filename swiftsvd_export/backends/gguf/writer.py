@@ -19,7 +19,7 @@ import numpy as np
 
 from ...atomic import atomic_file
 from ...errors import SwiftSVDError
-from ...latent_kv import default_layout
+from ...latent_kv import check_layout, default_layout
 from ...lowrank import FORMAT_VERSION, read_config
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ LOWRANK_VERSION = 2
 LOWRANK_RANKS_KEY = "swiftsvd.lowrank.ranks"  # informative only; llama.cpp reads ranks from shapes
 KV_LAYOUT_KEY = "swiftsvd.kv_cache.layout"
 # --kv-cache value -> per-layer layout bits (1: V latent, 2: K latent) and the projections it needs factorized
-KV_LAYOUTS = {"dense": (0, ()), "latent-v": (1, ("v_proj",)), "latent-kv": (3, ("k_proj", "v_proj"))}
+KV_LAYOUTS = {"dense": 0, "latent-v": 1, "latent-kv": 3}  # the layout key's bits: 1 = V latent, 2 = K latent
 
 # HF linear (relative to model.layers.N) -> GGUF base name
 LINEARS = {
@@ -165,19 +165,16 @@ def _hf_tokenizer_metadata(folder: Path, writer, vocab_size: int) -> None:
             writer.add_chat_template(jinja.read_text())
 
 
-def check_kv_cache(kv_cache: str, ranks: dict[str, int], n_layer: int, where: str) -> int:
+def check_kv_cache(kv_cache: str, cfg: dict, ranks: dict[str, int], where: str) -> int:
     """The layout bits for ``kv_cache``; a latent cache needs every layer's projection factorized
     (its A·x is what is cached), so anything else is refused rather than silently run dense."""
     if kv_cache not in KV_LAYOUTS:
         raise SwiftSVDError(f"unknown --kv-cache {kv_cache!r}; choose one of {', '.join(KV_LAYOUTS)}")
-    bits, needed = KV_LAYOUTS[kv_cache]
-    for proj in needed:
-        dense = [i for i in range(n_layer) if f"model.layers.{i}.self_attn.{proj}" not in ranks]
-        if dense:
-            shown = ", ".join(map(str, dense[:8])) + (" ..." if len(dense) > 8 else "")
-            raise SwiftSVDError(f"{where}: --kv-cache {kv_cache} needs {proj} factorized in every layer, "
-                                f"but it is dense in layers {shown}")
-    return bits
+    try:
+        check_layout(kv_cache, cfg, ranks)
+    except SwiftSVDError as e:
+        raise SwiftSVDError(f"{where}: {e}") from None
+    return KV_LAYOUTS[kv_cache]
 
 
 def export_gguf(model_dir: str | Path, output: str | Path, factor_type: str = "f16",
@@ -218,7 +215,7 @@ def export_gguf(model_dir: str | Path, output: str | Path, factor_type: str = "f
     if unknown:
         raise SwiftSVDError(f"{folder}: low-rank modules the GGUF target cannot place: {unknown[:3]}")
     kv_cache = kv_cache or default_layout(ranks, n_layer)
-    kv_bits = check_kv_cache(kv_cache, ranks, n_layer, str(folder))
+    kv_bits = check_kv_cache(kv_cache, cfg, ranks, str(folder))
 
     w = _Weights(folder)
     summary = ExportSummary(path=Path(output), kv_cache=kv_cache)
