@@ -55,6 +55,26 @@ def make_tiny_llama(seed: int = 0, vocab_size: int = 512, hidden: int = 64, laye
     return LlamaForCausalLM(cfg).eval()
 
 
+def lowrank_llama(cfg, ranks: dict[str, int], std: float = 0.08):
+    """A random Llama for ``cfg`` with larger weights than the default init (so logits are not all
+    near zero) and the linears named in ``ranks`` (``self_attn.q_proj``: k) factorized in every
+    layer by truncated SVD."""
+    from transformers import LlamaForCausalLM
+
+    from swiftsvd_export.lowrank import replace_module
+
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, std)
+    for i in range(cfg.num_hidden_layers):
+        for name, k in ranks.items():
+            full = f"model.layers.{i}.{name}"
+            replace_module(model, full, truncated_svd(model.get_submodule(full), k))
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A saved tiny Llama folder (safetensors + tokenizer), as a user's local HF model would be."""

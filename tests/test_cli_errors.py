@@ -118,3 +118,11 @@ def test_unsupported_transformers_major_version(capsys, tmp_path, tiny_model_dir
         "swiftsvd-export compress: error: transformers 5.17.0 is not supported: this tool is built and tested on "
         "transformers 4.57.6 (pip install 'transformers==4.57.6')"]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("ridge", ["0", "-1", "nan"])
+def test_refit_ridge_out_of_range(capsys, tmp_path, tiny_model_dir, ridge):
+    out = tmp_path / "o"
+    code, err = _run(capsys, "compress", str(tiny_model_dir), str(out), "--ratio", "0.4", "--sequential", "--refit",
+                     "--refit-ridge", ridge)
+    _assert_clean_failure(code, err, out, "--refit-ridge must be a positive number")

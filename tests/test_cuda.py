@@ -91,11 +91,11 @@ def test_cuda_sequential_matches_cpu(tokenizer, calib_txt):
     _compare(cpu_model, gpu_model, cpu_res, gpu_res)
 
 
-def test_cuda_refit_runs_on_the_gpu_and_stays_as_close_as_the_refit_allows(tokenizer, calib_txt):
-    """--sequential --refit. Its least-squares B amplifies round-off about a thousandfold (on the CPU
-    alone, a 1e-6 relative change of the weights moves this model's B·A by ~5e-2 and its logits by
-    ~4e-3, against ~1e-5 and ~3e-6 without the refit), so fp32 GEMMs in another order cannot give
-    the 1e-4 agreement of the other modes: here the same ranks and logits within 2e-2."""
+def test_cuda_refit_matches_cpu(tokenizer, calib_txt):
+    """--sequential --refit: the same ranks and logits within 1e-3. B·A is not compared: in the refit
+    pass this tiny model's factors move ~1e-2 under a 1e-6 relative change of the weights even with
+    the correction pulled all the way back to the plain factors (directions the 256 calibration
+    tokens barely excite), while its logits move ~3e-5 (CPU, 2026-11-30)."""
     cpu_model = make_tiny_llama(vocab_size=VOCAB, layers=3)
     gpu_model = copy.deepcopy(cpu_model)
     kw = dict(sequential=True, refit=True, precision="fp64")
@@ -106,7 +106,7 @@ def test_cuda_refit_runs_on_the_gpu_and_stays_as_close_as_the_refit_allows(token
     with torch.no_grad():
         gap = (cpu_model(input_ids=ids).logits - gpu_model(input_ids=ids).logits).abs().max().item()
     print(f"refit, cuda vs cpu logits: {gap:.2e}")
-    assert gap <= 2e-2
+    assert gap <= LOGITS_TOL
 
 
 def test_cuda_full_rank_is_exact(tokenizer, calib_txt):

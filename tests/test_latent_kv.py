@@ -20,10 +20,10 @@ from swiftsvd_export.backends.onnx.runtime import OrtDecoder
 from swiftsvd_export.errors import SwiftSVDError
 from swiftsvd_export.latent_kv import (LAYOUTS, LatentLlama, cache_shapes, default_layout, kv_bytes_per_token,
                                        latent_greedy, latent_logits, model_ranks)
-from swiftsvd_export.lowrank import replace_module, save_lowrank
+from swiftsvd_export.lowrank import save_lowrank
 from swiftsvd_export.torch_reference import torch_greedy, torch_logits
 
-from .conftest import make_tokenizer, truncated_svd
+from .conftest import lowrank_llama, make_tokenizer
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM = 64, 2, 4, 2, 16
 D_KV = KV_HEADS * HEAD_DIM
@@ -34,22 +34,13 @@ LATENT = ("latent-v", "latent-kv")
 
 def tiny_lowrank(ranks: dict[str, int], seed: int = 0):
     """A random GQA Llama (positions up to 2048) with ``ranks`` factorized in every layer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=512, hidden_size=HIDDEN, intermediate_size=160, num_hidden_layers=LAYERS,
                       num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, tie_word_embeddings=True,
                       max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # larger weights than the default init, so logits are not all near zero
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08)
-    for i in range(LAYERS):
-        for name, k in ranks.items():
-            full = f"model.layers.{i}.{name}"
-            replace_module(model, full, truncated_svd(model.get_submodule(full), k))
-    return model
+    return lowrank_llama(cfg, ranks)
 
 
 @pytest.fixture(scope="module")

@@ -20,10 +20,10 @@ from swiftsvd_export.backends.onnx.graph import MATMUL_OPS, check_pairs, matmul_
 from swiftsvd_export.backends.onnx.parity import compare_logits, parity, torch_logits
 from swiftsvd_export.backends.onnx.runtime import OrtDecoder, encode, load_tokenizer
 from swiftsvd_export.errors import SwiftSVDError
-from swiftsvd_export.lowrank import replace_module, save_lowrank
+from swiftsvd_export.lowrank import save_lowrank
 from swiftsvd_export.models import load_model
 
-from .conftest import truncated_svd
+from .conftest import lowrank_llama
 
 HIDDEN, INTER, LAYERS, HEADS, KV_HEADS = 64, 160, 2, 4, 2
 # Ranks: 32 and 48 are multiples of 16 (int4-quantizable B factors); 24 is not (stays fp32 in int4).
@@ -50,7 +50,7 @@ def make_tokenizer(folder: Path):
 
 @pytest.fixture(scope="module")
 def lowrank_dir(tmp_path_factory) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny") / "lowrank"
@@ -59,15 +59,7 @@ def lowrank_dir(tmp_path_factory) -> Path:
     cfg = LlamaConfig(vocab_size=512, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
                       num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, tie_word_embeddings=True,
                       max_position_embeddings=256, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # larger weights than the default init, so logits are not all near zero
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08)
-    for i in range(LAYERS):
-        for name, k in RANKS.items():
-            full = f"model.layers.{i}.{name}"
-            replace_module(model, full, truncated_svd(model.get_submodule(full), k))
+    model = lowrank_llama(cfg, RANKS)
     save_lowrank(model, folder, dtype="fp32", tokenizer=tok)
     return folder
 

@@ -18,7 +18,8 @@ Parts (each one job of a few minutes, so they can run one at a time under the sh
   all at the same parameter budget ((1 − ratio) x the dense linears; uniform's floor() per
   matrix leaves it up to 0.5 % below);
 - ``refit``: per ratio, ``--sequential`` vs ``--sequential --refit`` at the same ranks
-  (``--refit-allocation``, uniform by default, as the default release);
+  (``--refit-allocation``, uniform by default, as the default release), at the default
+  ``--refit-ridge`` and at each of ``--refit-ridges`` (how the default was chosen, on held-out ppl);
 - ``retarget``: a cold compression in a fresh, empty cache folder, then re-targets from it
   (in process, and ``swiftsvd-export compress`` processes end to end).
 
@@ -124,12 +125,21 @@ def part_compare(bench: Bench, args) -> list[dict]:
     return rows
 
 
+def refit_config(ridge: float) -> str:
+    return f"sequential+refit ridge {ridge:g}"
+
+
 def part_refit(bench: Bench, args) -> list[dict]:
+    """Per ratio: sequential, then sequential+refit at the default ridge and at each other --refit-ridges."""
+    from swiftsvd_export.compress import REFIT_RIDGE
+
     rows = [bench.dense_row()]
     for r in args.ratios:
-        for refit in (False, True):
-            rows.append(bench.run("refit", r, "sequential+refit" if refit else "sequential", sequential=True,
-                                  refit=refit, allocation=args.refit_allocation))
+        rows.append(bench.run("refit", r, "sequential", sequential=True, allocation=args.refit_allocation))
+        for ridge in sorted(set(args.refit_ridges) | {REFIT_RIDGE}):
+            row = bench.run("refit", r, refit_config(ridge), sequential=True, refit=True, refit_ridge=ridge,
+                            allocation=args.refit_allocation)
+            rows.append(dict(row, refit_ridge=ridge))
     return rows
 
 
@@ -193,7 +203,9 @@ def tables(data: dict) -> str:
     lines = []
     for metric, label in (("heldout_ppl", "held-out (WikiText-2 train windows not in the calibration set)"),
                           ("test_ppl", "WikiText-2 test")):
-        for part, configs in (("compare", [c for c, _ in COMPARE]), ("refit", ["sequential", "sequential+refit"])):
+        refit = ["sequential"] + sorted({r["config"] for r in rows if "refit_ridge" in r},
+                                        key=lambda c: float(c.rsplit(" ", 1)[1]))
+        for part, configs in (("compare", [c for c, _ in COMPARE]), ("refit", refit)):
             sel = [r for r in rows if r["part"] == part and metric in r]
             if not sel:
                 continue
@@ -228,6 +240,8 @@ def main() -> int:
     ap.add_argument("--alpha", type=float, default=1.0)
     ap.add_argument("--importance-windows", type=int, default=8)
     ap.add_argument("--refit-allocation", default="uniform", choices=["uniform", "dynamic"])
+    ap.add_argument("--refit-ridges", type=float, nargs="*", default=[],
+                    help="refit: ridges to try besides the default (the table shows the default)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", help="statistics cache folder to reuse (default: a fresh temporary one)")
     ap.add_argument("--json", default=str(ROOT / "bench_out" / "allocation.json"))

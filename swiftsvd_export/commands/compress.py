@@ -5,7 +5,7 @@ import argparse
 import json
 
 from ..calibration import DEFAULT_CALIBRATION
-from ..compress import CompressConfig, compress, format_summary
+from ..compress import REFIT_RIDGE, CompressConfig, compress, format_summary
 from ..factorize import METHODS
 from ..lowrank import DTYPES
 from ..models import DEFAULT_MODEL
@@ -75,6 +75,9 @@ def add_parser(sub) -> None:
     p.add_argument("--refit", action="store_true",
                    help="with --sequential: refit each B in closed form (least squares) against the dense "
                         "model's outputs of that linear, A kept")
+    p.add_argument("--refit-ridge", type=float, default=REFIT_RIDGE, metavar="R",
+                   help="with --refit: pull of each refit B toward the plain factors, relative to the mean "
+                        f"diagonal of A·XᵀX·Aᵀ (default {REFIT_RIDGE:g}; like GPTQ's dampening)")
     p.add_argument("--rank-multiple", type=int, default=1, nargs="?", const=32,
                    help="round ranks down to a multiple (bare flag: 32, for kernels and quantized formats)")
     p.add_argument("--device", default="cpu",
@@ -105,7 +108,7 @@ def run(args) -> int:
                          target_bytes=args.target_bytes, max_ppl_increase=args.max_ppl_increase,
                          allocation=args.allocation, alpha=args.alpha, importance=args.importance,
                          importance_windows=args.importance_windows, holdout=args.holdout,
-                         cache=args.cache, plots=args.plots, refit=args.refit,
+                         cache=args.cache, plots=args.plots, refit=args.refit, refit_ridge=args.refit_ridge,
                          precision=args.precision, device=args.device, dist_timeout=args.dist_timeout)
     if args.stream or args.max_memory is not None:
         from ..streaming import compress_streaming, format_streaming_summary
