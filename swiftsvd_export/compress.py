@@ -159,9 +159,10 @@ def linear_shapes(model: torch.nn.Module, spec) -> dict[str, tuple[int, int]]:
 def heldout_ppl(model, ids: torch.Tensor, batch_size: int = 4) -> float:
     """Perplexity of ``model`` on held-out windows (n, seqlen): every next-token prediction scored."""
     model.eval()
+    device = next(model.parameters()).device  # score where the model is, as perplexity() does
     nll, count = 0.0, 0
     for start in range(0, ids.shape[0], batch_size):
-        x = ids[start:start + batch_size]
+        x = ids[start:start + batch_size].to(device)
         logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
         nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
                                                  reduction="sum").item()

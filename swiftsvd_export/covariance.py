@@ -215,6 +215,9 @@ def calibrate(model: nn.Module, spec: ArchSpec, ids: torch.Tensor, batch_size: i
     q/k/v that already correct toward the dense model: the correction counted twice (SmolLM2 at
     ratio 0.2, 2026-11-30: held-out ppl 1367 that way, 144 group by group, 104 without the refit).
 
+    Returns every block's statistics; with ``on_block`` (which consumed them) only the summary
+    stays (index, token count, importance, time), so the Grams of one block at a time are held.
+
     ``device`` runs each block (moved there for its turn), the hidden states and the Gram
     accumulators there; ``on_block`` gets the block and statistics back in host memory. Under
     torch.distributed each rank calibrates its shard of ``ids`` and the sums are all-reduced
@@ -243,6 +246,9 @@ def calibrate(model: nn.Module, spec: ArchSpec, ids: torch.Tensor, batch_size: i
                            sequential)
         if not torch.isfinite(outs).all():
             raise SwiftSVDError(f"NaN or Inf in the activations leaving block {i}")
+        if on_block is not None:
+            stats.grams.clear()
+            stats.extra.clear()
         results.append(stats)
         hidden, outs = outs, hidden
         if cross:

@@ -15,6 +15,7 @@ import pytest
 
 from swiftsvd_export.cli import main
 from swiftsvd_export.errors import SwiftSVDError
+from swiftsvd_export.latent_kv import default_layout
 from swiftsvd_export.release import pipeline
 from swiftsvd_export.release.config import load_config
 from swiftsvd_export.release.gate import Thresholds, evaluate, failures, table
@@ -270,8 +271,7 @@ def test_release_passes_then_an_impossible_threshold_fails(tmp_path, capsys, tin
     assert report["artifacts"][0]["path"] == "artifacts/onnx"  # relative to the moved folder
     # the product default: the V-latent cache exactly when v_proj is factorized in every layer
     summary = json.loads((out / "artifacts/onnx/summary.json").read_text())
-    v_everywhere = all(f"model.layers.{i}.self_attn.v_proj" in summary["ranks"] for i in range(summary["num_hidden_layers"]))
-    assert summary["kv_cache"]["layout"] == ("latent-v" if v_everywhere else "dense")
+    assert summary["kv_cache"]["layout"] == default_layout(summary["ranks"], summary["num_hidden_layers"])
     assert str(tmp_path / ".rel") not in (out / "validation" / "report.md").read_text()
     root = ET.parse(out / "junit.xml").getroot()
     assert len(root.findall(".//testcase")) == 5 and not root.findall(".//failure")

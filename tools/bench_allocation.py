@@ -241,7 +241,7 @@ def main() -> int:
     ap.add_argument("--importance-windows", type=int, default=8)
     ap.add_argument("--refit-allocation", default="uniform", choices=["uniform", "dynamic"])
     ap.add_argument("--refit-ridges", type=float, nargs="*", default=[],
-                    help="refit: ridges to try besides the default (the table shows the default)")
+                    help="refit: ridges to try besides the default --refit-ridge (one table column each)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", help="statistics cache folder to reuse (default: a fresh temporary one)")
     ap.add_argument("--json", default=str(ROOT / "bench_out" / "allocation.json"))

@@ -28,8 +28,8 @@ LOWRANK_KEY = "swiftsvd.lowrank.version"
 LOWRANK_VERSION = 2
 LOWRANK_RANKS_KEY = "swiftsvd.lowrank.ranks"  # informative only; llama.cpp reads ranks from shapes
 KV_LAYOUT_KEY = "swiftsvd.kv_cache.layout"
-# --kv-cache value -> per-layer layout bits (1: V latent, 2: K latent) and the projections it needs factorized
-KV_LAYOUTS = {"dense": 0, "latent-v": 1, "latent-kv": 3}  # the layout key's bits: 1 = V latent, 2 = K latent
+# --kv-cache value -> per-layer layout bits of KV_LAYOUT_KEY (1: V latent, 2: K latent)
+KV_LAYOUTS = {"dense": 0, "latent-v": 1, "latent-kv": 3}
 
 # HF linear (relative to model.layers.N) -> GGUF base name
 LINEARS = {
