@@ -89,11 +89,41 @@ def model_ranks(model: nn.Module) -> dict[str, int]:
     return {n: m.rank for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE as transformers' Llama applies it: x·cos + rotate_half(x)·sin (cos/sin: batch, seq, head_dim)."""
-    half = x.shape[-1] // 2
-    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos.unsqueeze(1) + rot * sin.unsqueeze(1)
+class _Reshape(torch.autograd.Function):
+    """``x.reshape(shape)`` where 0 keeps x's size at that index, as ONNX's Reshape reads it.
+
+    Traced, ``view(b, t, heads, head_dim)`` with sizes read from the tensor becomes a chain of
+    Shape, Gather, Unsqueeze and Concat kernels per call; this exports as one Reshape with a
+    constant shape. Those chains were ~25 of a layer's ~66 kernels, a fixed cost per decoded
+    token that dense and low-rank graphs pay alike (tools/bench_onnx.py)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        return x.reshape([x.shape[i] if s == 0 else s for i, s in enumerate(shape)])
+
+    @staticmethod
+    def symbolic(g, x, shape):
+        return g.op("Reshape", x, g.op("Constant", value_t=torch.tensor(shape, dtype=torch.int64)))
+
+
+def reshape(x: torch.Tensor, *shape: int) -> torch.Tensor:
+    """``x.reshape`` with 0 = keep that size; exactly one -1 (the exporter's shape inference needs it)."""
+    return _Reshape.apply(x, shape)
+
+
+def rotate_half_matrix(head_dim: int) -> torch.Tensor:
+    """R with x·R = rotate_half(x) = cat(−x₂, x₁): one MatMul by a constant (exact: ±1 and 0s)
+    instead of two Slices, a Neg and a Concat in the graph."""
+    half = head_dim // 2
+    r = torch.zeros(head_dim, head_dim)
+    r[half:, :half] = -torch.eye(half)
+    r[:half, half:] = torch.eye(half)
+    return r
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """RoPE as transformers' Llama applies it: x·cos + rotate_half(x)·sin (cos/sin: batch, 1, seq, head_dim)."""
+    return x * cos + (x @ rot) * sin
 
 
 class HeadwiseB(nn.Module):
@@ -103,26 +133,25 @@ class HeadwiseB(nn.Module):
     (consecutive, as in transformers' ``repeat_kv``) all use slice g.
     """
 
-    def __init__(self, b: nn.Linear, kv_heads: int, head_dim: int):
+    def __init__(self, b: nn.Linear, heads: int, kv_heads: int, head_dim: int):
         super().__init__()
         self.weight, self.bias = b.weight, b.bias
-        self.kv_heads, self.head_dim, self.rank = kv_heads, head_dim, b.in_features
+        self.heads, self.kv_heads, self.head_dim, self.rank = heads, kv_heads, head_dim, b.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, h, t, _ = x.shape
         w = self.weight.view(self.kv_heads, self.head_dim, self.rank).transpose(1, 2)
-        y = x.reshape(b, self.kv_heads, -1, self.rank) @ w
+        y = reshape(x, 0, self.kv_heads, -1, self.rank) @ w
         if self.bias is not None:
             y = y + self.bias.view(self.kv_heads, 1, self.head_dim)
-        return y.reshape(b, h, t, self.head_dim)
+        return reshape(y, 0, self.heads, -1, self.head_dim)
 
 
 class LatentValue(nn.Module):
     """v_proj under a latent layout: caches A_V·x; B_V comes after attention, per head."""
 
-    def __init__(self, v_proj: LowRankLinear, kv_heads: int, head_dim: int):
+    def __init__(self, v_proj: LowRankLinear, heads: int, kv_heads: int, head_dim: int):
         super().__init__()
-        self.A, self.B = v_proj.A, HeadwiseB(v_proj.B, kv_heads, head_dim)
+        self.A, self.B = v_proj.A, HeadwiseB(v_proj.B, heads, kv_heads, head_dim)
 
     def forward(self, x: torch.Tensor, probs: torch.Tensor, past: torch.Tensor):
         """probs (b, heads, t, s), past (b, 1, s - t, k) -> (attention output per head, present latent)."""
@@ -131,19 +160,20 @@ class LatentValue(nn.Module):
 
 
 class LatentKey(nn.Module):
-    """k_proj under ``latent-kv``: caches A_K·x, rebuilds K = B_K·latent at every key position, rotates it."""
+    """k_proj under ``latent-kv``: caches A_K·x, rebuilds K = B_K·latent at every key position.
+
+    The caller rotates the keys, so this module's graph scope holds only the A and B MatMuls."""
 
     def __init__(self, k_proj: LowRankLinear, kv_heads: int, head_dim: int):
         super().__init__()
         self.A, self.B = k_proj.A, k_proj.B
         self.kv_heads, self.head_dim = kv_heads, head_dim
 
-    def forward(self, x: torch.Tensor, past: torch.Tensor, rope_k: tuple[torch.Tensor, torch.Tensor]):
-        """past (b, 1, s - t, k) -> (rotated keys (b, kv_heads, s, head_dim), present latent)."""
+    def forward(self, x: torch.Tensor, past: torch.Tensor):
+        """past (b, 1, s - t, k) -> (keys before RoPE (b, kv_heads, s, head_dim), present latent)."""
         present = torch.cat([past, self.A(x).unsqueeze(1)], dim=2)
-        b, _, s, _ = present.shape
-        k = self.B(present.squeeze(1)).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        return rotate(k, *rope_k), present
+        k = reshape(self.B(present.squeeze(1)), 0, -1, self.kv_heads, self.head_dim).transpose(1, 2)
+        return k, present
 
 
 class LatentAttention(nn.Module):
@@ -160,32 +190,33 @@ class LatentAttention(nn.Module):
         self.head_dim, self.scaling = head_dim(config), attn.scaling
         self.q_proj, self.o_proj = attn.q_proj, attn.o_proj
         self.k_proj = LatentKey(attn.k_proj, self.kv_heads, self.head_dim) if layout == "latent-kv" else attn.k_proj
-        self.v_proj = attn.v_proj if layout == "dense" else LatentValue(attn.v_proj, self.kv_heads, self.head_dim)
+        self.v_proj = attn.v_proj if layout == "dense" else LatentValue(attn.v_proj, self.heads, self.kv_heads, self.head_dim)
 
     def _heads(self, y: torch.Tensor, n: int) -> torch.Tensor:
-        b, t, _ = y.shape
-        return y.view(b, t, n, self.head_dim).transpose(1, 2)
+        return reshape(y, 0, -1, n, self.head_dim).transpose(1, 2)
 
     def forward(self, x, rope_q, rope_k, mask, past_k, past_v):
-        """rope_q: (cos, sin) at the new positions; rope_k: at every key position (latent-kv only)."""
-        b, t, _ = x.shape
+        """rope_q: (cos, sin, R) at the new positions; rope_k: at every key position (latent-kv only).
+
+        Reshapes keep batch and sequence sizes symbolic (``reshape``), so the traced graph has no
+        shape arithmetic; the scaling sits right after QKᵀ so ORT fuses it into that MatMul."""
         q = rotate(self._heads(self.q_proj(x), self.heads), *rope_q)
         if self.layout == "latent-kv":
-            k, present_k = self.k_proj(x, past_k, rope_k)
+            k, present_k = self.k_proj(x, past_k)
+            k = rotate(k, *rope_k)
         else:
             present_k = torch.cat([past_k, rotate(self._heads(self.k_proj(x), self.kv_heads), *rope_q)], dim=2)
             k = present_k
-        s = k.shape[2]
         # query heads grouped by kv head: (b, kv_heads, heads/kv_heads * t, head_dim), no K/V copies
-        qg = q.reshape(b, self.kv_heads, -1, self.head_dim)
-        scores = (qg @ k.transpose(2, 3)).view(b, self.heads, t, s) * self.scaling + mask
+        qg = reshape(q, 0, self.kv_heads, -1, self.head_dim)
+        scores = reshape((qg @ k.transpose(2, 3)) * self.scaling, 0, self.heads, -1, 0) + mask
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         if self.layout == "dense":
             present_v = torch.cat([past_v, self._heads(self.v_proj(x), self.kv_heads)], dim=2)
-            out = (probs.view(b, self.kv_heads, -1, s) @ present_v).view(b, self.heads, t, self.head_dim)
+            out = reshape(reshape(probs, 0, self.kv_heads, -1, 0) @ present_v, 0, self.heads, -1, self.head_dim)
         else:
             out, present_v = self.v_proj(x, probs, past_v)
-        out = out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
+        out = reshape(out.transpose(1, 2), 0, -1, self.heads * self.head_dim)
         return self.o_proj(out), present_k, present_v
 
 
@@ -208,11 +239,17 @@ class LatentBackbone(nn.Module):
         inner = model.model
         self.embed_tokens, self.norm, self.rotary_emb = inner.embed_tokens, inner.norm, inner.rotary_emb
         self.layers = nn.ModuleList(LatentLayer(layer, model.config, layout) for layer in inner.layers)
+        self.register_buffer("rot", rotate_half_matrix(head_dim(model.config)), persistent=False)
+
+    def _rope(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(cos, sin, R) for ``rotate``, computed once per step for all layers."""
+        cos, sin = self.rotary_emb(h, positions)
+        return cos.unsqueeze(1), sin.unsqueeze(1), self.rot.to(h.dtype)
 
     def forward(self, input_ids, attention_mask, position_ids, key_positions, past):
         h = self.embed_tokens(input_ids)
-        rope_q = self.rotary_emb(h, position_ids)
-        rope_k = self.rotary_emb(h, key_positions) if key_positions is not None else None
+        rope_q = self._rope(h, position_ids)
+        rope_k = self._rope(h, key_positions) if key_positions is not None else None
         mask = causal_mask(attention_mask, input_ids.shape[1], h.dtype)
         present = []
         for i, layer in enumerate(self.layers):

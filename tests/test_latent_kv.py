@@ -7,6 +7,7 @@ up/down are truncated-SVD factorized so that k_K = 8 and k_V = 12 against d_kv =
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from swiftsvd_export.backends.onnx.export import export_onnx
+from swiftsvd_export.backends.onnx.graph import ort_optimized
 from swiftsvd_export.backends.onnx.latent_export import METADATA_KEY
 from swiftsvd_export.backends.onnx.runtime import OrtDecoder
 from swiftsvd_export.errors import SwiftSVDError
@@ -113,6 +115,20 @@ def test_torch_prefill_then_decode_equals_full_recompute(model, layout):
 
 
 # --- ONNX ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_traced_graph_layers_run_no_shape_arithmetic(model, tmp_path, layout):
+    """Every decode step runs every kernel of the graph; per-layer Shape/Gather/Unsqueeze/Concat
+    chains for view sizes and a Slice/Neg/Concat rotate_half made a layer 72-80 kernels where
+    44-46 do the work (tools/bench_onnx.py: a fixed cost per token that hid the compression's
+    speedup). Counted on the graph onnxruntime runs, in layer 1 of the tiny model."""
+    export_onnx("tiny", tmp_path / layout, model=model, kv_cache=layout, traced=True)
+    g = ort_optimized(tmp_path / layout / "model.onnx")
+    ops = Counter(n.op_type for n in g.graph.node if "/layers.1/" in n.name)
+    assert not {"Shape", "Gather", "Slice", "Neg", "Div"} & set(ops), ops
+    assert ops["Concat"] == 2, ops  # the two cache appends
+    assert sum(ops.values()) <= 46, ops
+
 
 @pytest.mark.parametrize("layout", LATENT)
 def test_onnx_latent_graph_io_and_checks(exports, layout):

@@ -3,9 +3,9 @@
 
 For each model and thread count (in a fresh child process, so peak RSS is the model's own):
 prefill tokens/s at 128 tokens, decode tokens/s at context 128 and 1024, peak RSS, file size.
-Then, per thread count, one more child loads all models and alternates their decode runs round
-by round; the decode speeds and speedups come from that child, so a change of machine load hits
-all models alike (``--separate``: from the per-model children instead, as before 2026-11-30).
+Then, per thread count, one more child loads all models and lets them take turns, ``--reps``
+rounds of ``--decode-steps`` tokens (speed from the median single-token step); the decode speeds
+and speedups come from that child, so a change of machine load hits all models alike (``--separate``: from the per-model children instead, as before 2026-11-30).
 Target: decode speedup of compressed over dense >= 0.9 x (dense bytes / compressed bytes read
 per decoded token), from the same run. Bytes read per token at context c: every weight
 initializer (the tied embedding is read in full as the output head) plus the fp32 K/V cache rows
@@ -110,9 +110,12 @@ def child(folder: str, threads: int, prefill: int, contexts: list[int], steps: i
 
 
 def child_interleaved(folders: list[str], threads: int, contexts: list[int], steps: int, reps: int) -> dict:
-    """Runs in a fresh process: decode tokens/s of every folder, the models alternating run by run
-    (``reps`` rounds of ``steps`` tokens each, best round), so a change of machine load hits all of
-    them alike; the speedups come from these figures."""
+    """Runs in a fresh process: decode tokens/s of every folder, the models taking turns in
+    ``reps`` rounds of ``steps`` single-token steps, so a change of machine load hits all of them
+    alike; the speedups come from these figures. Speed = 1 / the median step time over all rounds,
+    without each turn's first 2 steps: another session's intra-op threads may still be spinning
+    then (ORT's pools spin before they sleep; alternating every token at 2 threads halves the
+    speed of all models). Each model's context grows from ``ctx`` by one position per step."""
     import numpy as np
 
     from swiftsvd_export.backends.onnx.runtime import OrtDecoder
@@ -124,21 +127,23 @@ def child_interleaved(folders: list[str], threads: int, contexts: list[int], ste
     out: dict = {f: {} for f in folders}
     for ctx in contexts:
         ids = rng.integers(0, vocab, size=(1, ctx))
-        caches = {}
+        caches, pos = {}, ctx + 1
         for f, dec in decs.items():
             _, cache = dec.step(ids, None, 0)
-            dec.step(tok, cache, ctx)  # warm-up at this context
-            caches[f] = cache
-        best = {f: math.inf for f in folders}
+            caches[f] = dec.step(tok, cache, ctx)[1]  # warm-up at this context
+        times: dict = {f: [] for f in folders}
         for _ in range(reps):
             for f, dec in decs.items():
-                c = caches[f]
-                t = time.perf_counter()
                 for i in range(steps):
-                    _, c = dec.step(tok, c, ctx + i)
-                best[f] = min(best[f], time.perf_counter() - t)
+                    t = time.perf_counter()
+                    _, caches[f] = dec.step(tok, caches[f], pos + i)
+                    if i >= 2:
+                        times[f].append(time.perf_counter() - t)
+            pos += steps
         for f in folders:
-            out[f][f"decode_tok_s@{ctx}"] = steps / best[f]
+            ms = np.asarray(times[f]) * 1e3
+            out[f][f"decode_tok_s@{ctx}"] = 1e3 / float(np.median(ms))
+            out[f][f"decode_ms_iqr@{ctx}"] = [float(np.percentile(ms, 25)), float(np.percentile(ms, 75))]
     return out
 
 
@@ -231,6 +236,7 @@ def main() -> int:
                     for ctx in contexts:
                         r[f"separate_decode_tok_s@{ctx}"] = r[f"decode_tok_s@{ctx}"]
                         r[f"decode_tok_s@{ctx}"] = m[str(folders[r["model"]])][f"decode_tok_s@{ctx}"]
+                        r[f"decode_ms_iqr@{ctx}"] = m[str(folders[r["model"]])][f"decode_ms_iqr@{ctx}"]
             print(f"  interleaved t={th}: {m}", file=sys.stderr)
     dense = {r["threads"]: r for r in rows if r["model"] == "dense"}
     for r in rows:
