@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchlib import run_json_child  # noqa: E402
 from swiftsvd_export.memory import peak_rss_mib  # noqa: E402
 SHARED = ROOT.parent / "shared" / "data" / "wikitext2"
 TRAIN = SHARED / "wikitext-2-raw-v1.train.prefix1MB.txt"
@@ -226,10 +226,7 @@ def child_ppl(model_dir: str, windows: int | None) -> dict:
 
 
 def run_child(*args: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"child {args} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_json_child(__file__, ["--child", *args])
 
 
 def main() -> None:

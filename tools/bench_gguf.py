@@ -25,14 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchlib import run_json_child  # noqa: E402
 from swiftsvd_export.memory import peak_rss_mib  # noqa: E402
 
 
@@ -189,13 +188,8 @@ def main() -> int:
     # one BLAS thread in the children: numpy's OpenBLAS threads would otherwise compete for the 2 cores
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
 
-    def run_child(args: list[str], wait: str) -> str:
-        res = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
-                             env=dict(env, OMP_WAIT_POLICY=wait.upper()))
-        if res.returncode != 0:
-            print(res.stderr[-2000:], file=sys.stderr)
-            raise SystemExit(f"child failed: {' '.join(args)}")
-        return res.stdout.strip().splitlines()[-1]
+    def run_child(args: list[str], wait: str):
+        return run_json_child(__file__, args, env=dict(env, OMP_WAIT_POLICY=wait.upper()))
 
     common = ["--decode", str(a.decode), "--prefill", str(a.prefill), "--repeats", str(a.repeats),
               "--contexts", *map(str, a.contexts)]
@@ -211,11 +205,11 @@ def main() -> int:
                 # dense KV cache for every model: this compares weights (issue 5); KV layouts: bench_kv_llamacpp.py
                 export_gguf(folder, path, factor_type=t, embed_type=t, overwrite=True, quiet=True, kv_cache="dense")
             paths[label] = path
-        rss = {label: json.loads(run_child(["--child", str(p), "--child-rss", "--threads", "1", *common], "passive"))
+        rss = {label: run_child(["--child", str(p), "--child-rss", "--threads", "1", *common], "passive")
                for label, p in paths.items()}
         for th in a.threads:
             for wait in (["passive"] if th == 1 else a.wait):
-                res = json.loads(run_child(["--child", *map(str, paths.values()), "--threads", str(th), *common], wait))
+                res = run_child(["--child", *map(str, paths.values()), "--threads", str(th), *common], wait)
                 for (label, path), r in zip(paths.items(), res):
                     nbytes, kv_per_position = tensor_bytes(path)
                     r.update(model=label, source=str(path), type=t, threads=th,
@@ -235,7 +229,7 @@ def main() -> int:
                 r[f"expected_speedup@{ctx}"] = expected
                 r[f"speedup@{ctx}"] = r[f"decode_tok_s@{ctx}"] / d[f"decode_tok_s@{ctx}"]
                 r[f"meets_0.9x_target@{ctx}"] = r[f"speedup@{ctx}"] >= 0.9 * expected
-    hdr = (f"| model | type | threads | wait | file MiB | prefill tok/s | " +
+    hdr = ("| model | type | threads | wait | file MiB | prefill tok/s | " +
            " | ".join(f"decode tok/s @{c}" for c in a.contexts) +
            " | peak RSS MiB | predicted speedup @" + " / @".join(map(str, a.contexts)) +
            " | speedup @" + " / @".join(map(str, a.contexts)) + " | ≥ 0.9 × predicted |")

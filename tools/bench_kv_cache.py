@@ -23,13 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchlib import run_json_child  # noqa: E402
 from swiftsvd_export.memory import peak_rss_mib  # noqa: E402
 
 GRAPHS = {"dense": dict(kv_cache="dense"), "dense-traced": dict(kv_cache="dense", traced=True),
@@ -87,12 +87,8 @@ def child(folder: str, context: int, threads: int, steps: int, reps: int, chunk:
 
 
 def run_child(folder: Path, context: int, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", str(folder), "--context", str(context), "--threads",
-           str(args.threads), "--steps", str(args.steps), "--reps", str(args.reps), "--chunk", str(args.chunk)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode:
-        raise SystemExit(f"child failed for {folder} at {context}:\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return run_json_child(__file__, ["--child", folder, "--context", context, "--threads", args.threads,
+                                     "--steps", args.steps, "--reps", args.reps, "--chunk", args.chunk])
 
 
 def table(rows: list[dict]) -> str:

@@ -26,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchlib import run_json_child  # noqa: E402
 from swiftsvd_export.memory import peak_rss_mib  # noqa: E402
 
 LAYOUTS = ("dense", "latent-v", "latent-kv")
@@ -150,13 +151,7 @@ def main() -> int:
                     kv_cache=layout)
         comp = computed_kv(path)
         for ctx in a.contexts:
-            cmd = [sys.executable, __file__, "--child", str(path), str(ctx), str(a.decode), str(a.repeats),
-                   str(a.threads)]
-            res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if res.returncode != 0:
-                print(res.stderr[-2000:], file=sys.stderr)
-                raise SystemExit(f"child failed for {layout} at context {ctx}")
-            r = json.loads(res.stdout.strip().splitlines()[-1])
+            r = run_json_child(__file__, ["--child", path, ctx, a.decode, a.repeats, a.threads], env=env)
             kv = r["kv_log"]
             r.update(layout=layout, context=ctx, computed=comp,
                      kv_bytes_per_token_computed=comp["bytes_per_token"],

@@ -32,13 +32,13 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchlib import run_json_child  # noqa: E402
 from swiftsvd_export.memory import peak_rss_mib  # noqa: E402
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -149,12 +149,9 @@ def child_interleaved(folders: list[str], threads: int, contexts: list[int], ste
 
 def _run_child(args: list[str], threads: int, a) -> dict:
     """This script in a fresh process with ``threads`` threads; its last stdout line as JSON."""
-    cmd = [sys.executable, __file__, *args, "--prefill", str(a.prefill), "--contexts", a.contexts,
-           "--decode-steps", str(a.decode_steps), "--reps", str(a.reps)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
-    if r.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return run_json_child(__file__, [*args, "--prefill", a.prefill, "--contexts", a.contexts,
+                                     "--decode-steps", a.decode_steps, "--reps", a.reps],
+                          env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
 
 
 def _timed(fn) -> float:
