@@ -122,7 +122,7 @@ def test_traced_graph_layers_run_no_shape_arithmetic(model, tmp_path, layout):
     chains for view sizes and a Slice/Neg/Concat rotate_half made a layer 72-80 kernels where
     44-46 do the work (tools/bench_onnx.py: a fixed cost per token that hid the compression's
     speedup). Counted on the graph onnxruntime runs, in layer 1 of the tiny model."""
-    export_onnx("tiny", tmp_path / layout, model=model, kv_cache=layout, traced=True)
+    export_onnx("tiny", tmp_path / layout, model=model, kv_cache=layout, graph="traced")
     g = ort_optimized(tmp_path / layout / "model.onnx")
     ops = Counter(n.op_type for n in g.graph.node if "/layers.1/" in n.name)
     assert not {"Shape", "Gather", "Slice", "Neg", "Div"} & set(ops), ops
@@ -201,13 +201,16 @@ def test_cli_export_and_generate_latent(model_dir, tmp_path, capsys):
 
 
 def test_cli_default_is_latent_v_when_v_is_factorized(model_dir, tmp_path):
-    """The CLI ships the V-latent cache for a compressed model; --kv-cache dense gives optimum's graph."""
+    """The CLI ships the V-latent cache for a compressed model; --kv-cache dense a dense cache from the
+    same (traced) writer, and --onnx-graph optimum optimum's graph."""
     import json
 
     from swiftsvd_export.cli import main
 
-    for args, layout, graph_from in (([], "latent-v", "torch-reference"), (["--kv-cache", "dense"], "dense", "optimum")):
-        out = tmp_path / layout
+    for args, layout, graph_from in (([], "latent-v", "torch-reference"),
+                                     (["--kv-cache", "dense"], "dense", "torch-reference"),
+                                     (["--kv-cache", "dense", "--onnx-graph", "optimum"], "dense", "optimum")):
+        out = tmp_path / graph_from / layout
         assert main(["export", "--target", "onnx", str(model_dir), str(out), *args]) == 0
         summary = json.loads((out / "summary.json").read_text())
         assert (summary["kv_cache"]["layout"], summary["graph_from"]) == (layout, graph_from)

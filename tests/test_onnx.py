@@ -229,6 +229,26 @@ def test_optimum_loader_round_trip(exports, torch_model):
     assert out[0, ids.shape[1]:].tolist()[:1] == mine[:1]
 
 
+def test_default_graph_is_traced_and_optimum_graph_on_request(exports, lowrank_dir, torch_model, tmp_path):
+    """A Llama exports through the torch reference by default (the lean graph); optimum's exporter
+    on request. Both load in ORTModelForCausalLM and match torch (the default one: the test above)."""
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    assert json.loads((exports["fp32"] / "summary.json").read_text())["graph_from"] == "torch-reference"
+    s = export_onnx(lowrank_dir, tmp_path / "optimum", graph="optimum")
+    assert s["graph_from"] == "optimum" and s["graph_check"]["ort_optimized"]["ok"]
+    model, tok = torch_model
+    ids = torch.tensor([tok(PROMPTS[2])["input_ids"]])
+    logits = ORTModelForCausalLM.from_pretrained(tmp_path / "optimum", use_cache=True)(
+        input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].numpy()
+    assert compare_logits(torch_logits(model, ids[0].tolist()), logits)["max_abs_logit"] < 1e-3
+    with pytest.raises(SwiftSVDError, match="unknown ONNX graph writer 'tf2onnx'"):
+        export_onnx(lowrank_dir, tmp_path / "o", graph="tf2onnx")
+    with pytest.raises(SwiftSVDError, match="latent-v cache needs the traced graph"):
+        export_onnx(lowrank_dir, tmp_path / "o", graph="optimum", kv_cache="latent-v")
+    assert not (tmp_path / "o").exists()
+
+
 def test_mobile_ort_format(exports, torch_model):
     _, tok = torch_model
     folder = exports["fp32"]

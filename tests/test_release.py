@@ -178,6 +178,10 @@ def test_profile_files_are_strict(tmp_path):
     _write(tmp_path, 'description = "x"\nformat = "gguf"\n[export]\nprecision = "fp16"\n', "p.toml")
     with pytest.raises(SwiftSVDError, match=r"\[export\] unknown key 'precision'"):
         load_config(_write(tmp_path, BASE + '[[targets]]\nprofile = "p.toml"\n'))
+    _write(tmp_path, 'description = "x"\nformat = "onnx"\n[export]\ngraph = "optimum"\nkv_cache = "latent-v"\n',
+           "p.toml")
+    with pytest.raises(SwiftSVDError, match=r"p.toml: \[export\] a latent-v cache needs the traced graph"):
+        load_config(_write(tmp_path, BASE + '[[targets]]\nprofile = "p.toml"\n'))
 
 
 def test_config_merges_thresholds_and_resolves_paths(tmp_path):

@@ -3,7 +3,7 @@
 
 Graphs (one export folder each, made here when missing):
 
-- ``dense``: the shipping graph (optimum's exporter), dense K/V cache;
+- ``dense``: optimum's exporter (the shipping graph before 2026-11-30), dense K/V cache;
 - ``dense-traced``: a dense cache traced from the torch reference, the like-for-like baseline
   for the latent graphs (same tracer, same attention code);
 - ``latent-v``: V cached as A_V·x; ``latent-kv``: K and V cached as latents.
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchlib import run_json_child  # noqa: E402
 from swiftsvd_export.memory import peak_rss_mib  # noqa: E402
 
-GRAPHS = {"dense": dict(kv_cache="dense"), "dense-traced": dict(kv_cache="dense", traced=True),
+GRAPHS = {"dense": dict(kv_cache="dense", graph="optimum"), "dense-traced": dict(kv_cache="dense", graph="traced"),
           "latent-v": dict(kv_cache="latent-v"), "latent-kv": dict(kv_cache="latent-kv")}
 TEXT = Path(__file__).resolve().parents[2] / "shared/data/wikitext2/wikitext-2-raw-v1.test.nnjoin.txt"
 

@@ -16,15 +16,15 @@ Compressed models: ``--compressed 0.4=out/smol-0.4`` uses a folder from
 factorized here by plain truncated SVD with k = floor((1-r)*m*n/(m+n)) per linear (left dense
 where that would not save), which has the same shapes and so the same speed.
 
-``--graph traced`` exports every model (dense included) as the graph traced from the project's
-torch reference with a dense KV cache (``export_onnx(..., traced=True)``) instead of optimum's:
-the same attention code for all models, which multiplies grouped queries against the cached K/V
+``--graph traced`` (the default) exports every model (dense included) as the graph traced from
+the project's torch reference with a dense KV cache (``export_onnx(..., graph="traced")``, the
+export's default for Llama since 2026-11-30) instead of optimum's: the same attention code for all models, which multiplies grouped queries against the cached K/V
 where optimum's graph expands K and V per query head every step (a cost compression does not
 shrink).
 
     python tools/bench_onnx.py --out bench_onnx.json              # ~10 min on 2 busy cores
     python tools/bench_onnx.py --threads 1 --decode-steps 8        # shorter
-    python tools/bench_onnx.py --graph traced --out bench_onnx_traced.json
+    python tools/bench_onnx.py --graph optimum --out bench_onnx_optimum.json
 """
 from __future__ import annotations
 
@@ -170,8 +170,9 @@ def main() -> int:
     ap.add_argument("--contexts", default="128,1024")
     ap.add_argument("--decode-steps", type=int, default=16)
     ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--graph", choices=("optimum", "traced"), default="optimum",
-                    help="optimum's exporter (default) or the graph traced from the torch reference")
+    ap.add_argument("--graph", choices=("traced", "optimum"), default="traced",
+                    help="the graph traced from the torch reference (default, as `export` writes it for "
+                         "Llama) or optimum's exporter")
     ap.add_argument("--work", default="bench_onnx_work", help="folder for the exported graphs (reused)")
     ap.add_argument("--out", default="bench_onnx.json")
     ap.add_argument("--separate", action="store_true",
@@ -209,7 +210,7 @@ def main() -> int:
             if ratio is not None and src is None:
                 svd_compress(model, ratio)
             export_onnx(src or f"smollm2-135m (truncated SVD r={ratio})" if ratio else "smollm2-135m", dst,
-                        model=model, tokenizer=tok, overwrite=True, traced=a.graph == "traced")
+                        model=model, tokenizer=tok, overwrite=True, graph=a.graph)
             print(f"exported {name} in {time.time() - t:.0f}s", file=sys.stderr)
         summaries[name] = json.loads((dst / "summary.json").read_text())
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..backends.gguf.cli import EMBED_TYPES, FACTOR_TYPES
+from ..backends.onnx.cli import GRAPHS as ONNX_GRAPHS
 from ..backends.onnx.cli import PRECISIONS, QUANTIZE
 from ..errors import SwiftSVDError
 from ..latent_kv import LAYOUTS as KV_LAYOUTS
@@ -25,7 +26,8 @@ PROFILES_DIR = Path(__file__).resolve().parents[2] / "targets" / "profiles"
 FORMATS = ("onnx", "gguf")
 PROFILE_SCHEMA = {"description": str, "format": FORMATS, "export": dict, "requires": dict}
 EXPORT_SCHEMA = {
-    "onnx": {"precision": PRECISIONS, "quantize": QUANTIZE, "block_size": int, "mobile": bool, "kv_cache": KV_LAYOUTS},
+    "onnx": {"precision": PRECISIONS, "quantize": QUANTIZE, "block_size": int, "mobile": bool, "kv_cache": KV_LAYOUTS,
+             "graph": ONNX_GRAPHS},
     "gguf": {"factor_type": FACTOR_TYPES, "embed_type": EMBED_TYPES, "kv_cache": KV_LAYOUTS},
 }
 REQUIRES_SCHEMA = {"rank_multiple": int}
@@ -70,7 +72,7 @@ def load_profile(ref: str, base_dir: Path, profiles_dir: Path = PROFILES_DIR) ->
 
         try:
             validate_options(export.get("precision", "fp32"), export.get("quantize", "none"),
-                             export.get("block_size"))
+                             export.get("block_size"), export.get("kv_cache") or "dense", export.get("graph"))
         except SwiftSVDError as e:
             raise SwiftSVDError(f"{path}: [export] {e}") from None
     rank_multiple = requires.get("rank_multiple", 1)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 PRECISIONS = ("fp32", "fp16")
 QUANTIZE = ("none", "int8", "int4", "int8-dynamic")
+GRAPHS = ("traced", "optimum")  # who writes the decoder graph (export.export_onnx)
 KV_CACHE_LAYOUTS = ("dense", "latent-v", "latent-kv")  # checked again by export_onnx (latent_kv.LAYOUTS)
 
 
@@ -18,6 +19,11 @@ def add_export_arguments(group) -> None:
                             "128/64/32/16 that divides the factor ranks)")
     group.add_argument("--mobile", action="store_true",
                        help="also write the ORT format (.ort) and a reduced-operator config")
+    group.add_argument("--onnx-graph", default=None, metavar="{traced,optimum}",
+                       help="who writes the decoder graph: traced (the project's torch reference, lean; "
+                            "the default for Llama-family models, and needed by a latent cache) or optimum "
+                            "(optimum's exporter; the default for other architectures). Both dense graphs "
+                            "load in optimum's ORTModelForCausalLM")
 
 
 def add_generate_arguments(group) -> None:
@@ -30,7 +36,8 @@ def run_export(args) -> int:
 
     export_onnx(args.model_dir, args.output, precision=args.precision, quantize=args.quantize,
                 block_size=args.block_size, mobile=args.mobile, overwrite=args.overwrite,
-                kv_cache=getattr(args, "kv_cache", None))  # None: latent-v when v_proj is factorized everywhere
+                kv_cache=getattr(args, "kv_cache", None),  # None: latent-v when v_proj is factorized everywhere
+                graph=getattr(args, "onnx_graph", None))
     return 0
 
 
