@@ -24,8 +24,6 @@ sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "data" / "wikitext2"
 TRAIN = SHARED / "wikitext-2-raw-v1.train.prefix1MB.txt"
 TEST = SHARED / "wikitext-2-raw-v1.test.nnjoin.txt"
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
 def block_outputs(model, spec, ids: torch.Tensor) -> list[torch.Tensor]:
@@ -82,7 +80,7 @@ def main() -> int:
     for b in args.blocks:
         row = {lin: (spec.layers(models["refit"])[b].get_submodule(lin).B.weight.norm()
                      / spec.layers(models["sequential"])[b].get_submodule(lin).B.weight.norm()).item()
-               for lin in LINEARS}
+               for lin in spec.linears}
         result["b_norm_ratio"][b] = row
         print(f"block {b:2d} |B| refit / sequential: " + " ".join(f"{k.split('.')[-1]} {v:.3f}" for k, v in row.items()))
     out = Path(args.json)
