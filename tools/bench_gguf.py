@@ -161,9 +161,9 @@ def main() -> int:
     ap.add_argument("--contexts", nargs="+", type=int, default=[128, 1024])
     ap.add_argument("--work", type=Path, default=None, help="where GGUFs are written (default: cache)")
     ap.add_argument("--json", type=Path, default=Path("bench_gguf.json"))
-    ap.add_argument("--wait", nargs="+", choices=["active", "passive"], default=["active", "passive"],
-                    help="OMP_WAIT_POLICY for multi-threaded runs, each a set of rows (default both; 1 thread "
-                         "has no barriers and runs once)")
+    ap.add_argument("--wait", nargs="+", choices=["default", "active", "passive"], default=["active", "passive"],
+                    help="OMP_WAIT_POLICY for multi-threaded runs, each a set of rows (default: active and "
+                         "passive; 'default' leaves it unset, as users run; 1 thread has no barriers and runs once)")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--child-rss", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -189,7 +189,8 @@ def main() -> int:
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
 
     def run_child(args: list[str], wait: str):
-        return run_json_child(__file__, args, env=dict(env, OMP_WAIT_POLICY=wait.upper()))
+        policy = {} if wait == "default" else {"OMP_WAIT_POLICY": wait.upper()}
+        return run_json_child(__file__, args, env={**{k: v for k, v in env.items() if k != "OMP_WAIT_POLICY"}, **policy})
 
     common = ["--decode", str(a.decode), "--prefill", str(a.prefill), "--repeats", str(a.repeats),
               "--contexts", *map(str, a.contexts)]
