@@ -5,7 +5,8 @@ For each model and thread count (in a fresh child process, so peak RSS is the mo
 prefill tokens/s at 128 tokens, decode tokens/s at context 128 and 1024, peak RSS, file size.
 Then, per thread count, one more child loads all models and lets them take turns, ``--reps``
 rounds of ``--decode-steps`` tokens (speed from the median single-token step); the decode speeds
-and speedups come from that child, so a change of machine load hits all models alike (``--separate``: from the per-model children instead, as before 2026-11-30).
+and speedups come from that child, so a change of machine load hits all models alike
+(``--separate``: from the per-model children instead, as before 2026-11-30).
 Target: decode speedup of compressed over dense >= 0.9 x (dense bytes / compressed bytes read
 per decoded token), from the same run. Bytes read per token at context c: every weight
 initializer (the tied embedding is read in full as the output head) plus the fp32 K/V cache rows
@@ -18,9 +19,9 @@ where that would not save), which has the same shapes and so the same speed.
 
 ``--graph traced`` (the default) exports every model (dense included) as the graph traced from
 the project's torch reference with a dense KV cache (``export_onnx(..., graph="traced")``, the
-export's default for Llama since 2026-11-30) instead of optimum's: the same attention code for all models, which multiplies grouped queries against the cached K/V
-where optimum's graph expands K and V per query head every step (a cost compression does not
-shrink).
+export's default for Llama since 2026-11-30) instead of optimum's: the same attention code for
+all models, which multiplies grouped queries against the cached K/V where optimum's graph
+expands K and V per query head every step (a cost compression does not shrink).
 
     python tools/bench_onnx.py --out bench_onnx.json              # ~10 min on 2 busy cores
     python tools/bench_onnx.py --threads 1 --decode-steps 8        # shorter

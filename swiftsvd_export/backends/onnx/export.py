@@ -29,15 +29,13 @@ from ...atomic import atomic_dir, check_output
 from ...architectures import spec_for
 from ...errors import SwiftSVDError
 from ...latent_kv import LAYOUTS, check_layout, default_layout, kv_bytes_per_token
-from .cli import GRAPHS
+from .cli import GRAPHS, PRECISIONS, QUANTIZE
 from .graph import PairReport, check_pairs, initializer_bytes, ort_optimized, shape_counts
 from .latent_export import METADATA_KEY, check_latent_pairs, export_traced_graph, write_layout
 from .quantize import check_block_size, quantize_int8_dynamic, quantize_nbits, save_model, to_fp16
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16")
-QUANTIZE = ("none", "int8", "int4", "int8-dynamic")
 TASK = "text-generation-with-past"
 
 
@@ -45,10 +43,7 @@ def validate_options(precision: str, quantize: str, block_size: int | None, kv_c
                      graph: str | None = None) -> None:
     if kv_cache not in LAYOUTS:
         raise SwiftSVDError(f"unknown KV cache layout {kv_cache!r}; choose one of {', '.join(LAYOUTS)}")
-    if graph is not None and graph not in GRAPHS:
-        raise SwiftSVDError(f"unknown ONNX graph writer {graph!r}; choose one of {', '.join(GRAPHS)}")
-    if graph == "optimum" and kv_cache != "dense":
-        raise SwiftSVDError(f"a {kv_cache} cache needs the traced graph; optimum's exporter writes a dense cache only")
+    check_graph(graph, kv_cache)
     if precision not in PRECISIONS:
         raise SwiftSVDError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if quantize not in QUANTIZE:
@@ -58,6 +53,14 @@ def validate_options(precision: str, quantize: str, block_size: int | None, kv_c
     if block_size is not None and quantize not in ("int8", "int4"):
         raise SwiftSVDError("--block-size only applies to --quantize int8 or int4")
     check_block_size(block_size)
+
+
+def check_graph(graph: str | None, kv_cache: str) -> None:
+    """``graph`` is a known writer (or None: picked per architecture) that can write ``kv_cache``."""
+    if graph is not None and graph not in GRAPHS:
+        raise SwiftSVDError(f"unknown ONNX graph writer {graph!r}; choose one of {', '.join(GRAPHS)}")
+    if graph == "optimum" and kv_cache != "dense":
+        raise SwiftSVDError(f"a {kv_cache} cache needs the traced graph; optimum's exporter writes a dense cache only")
 
 
 def check_model_folder(model_dir: str | Path) -> Path:
@@ -221,7 +224,7 @@ def export_onnx(model_dir: str | Path, output: str | Path, precision: str = "fp3
     ranks = {n: k for n, (_, _, k) in factors.items()}
     kv_cache = kv_cache or default_layout(ranks, config.num_hidden_layers, config.model_type)
     check_layout(kv_cache, config, ranks)
-    validate_options(precision, quantize, block_size, kv_cache, graph)
+    check_graph(graph, kv_cache)  # the layout just picked for kv_cache=None, against an explicit graph
     if graph is None:
         graph = "traced" if spec_for(config).latent_kv else "optimum"
     own_graph = graph == "traced"  # traced from the torch reference, not optimum's exporter
