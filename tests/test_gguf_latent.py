@@ -239,3 +239,54 @@ def test_validate_counts_latent_cache_bytes(tiny, layout):
     row_v = RANK_V if layout != "dense" else D_KV
     (art,) = discover([tiny[3][layout]])
     assert art.kv_bytes_per_token == 2 * (row_k + row_v) * 2
+
+
+
+_LLAMACPP_CHILD = r"""
+import json, sys
+import numpy as np
+from swiftsvd_export.backends.gguf import runtime
+ids = json.loads(sys.argv[1])
+for path in sys.argv[2:]:
+    llm = runtime.open_model(path, n_ctx=256, n_threads=2, logits_all=True, n_batch=64, kv_f32=True)
+    np.save(path + ".npy", runtime.logits(llm, ids))
+"""
+
+
+@pytest.mark.llamacpp
+def test_q4_0_factors_of_stacked_projections(tmp_path, ids):
+    """Q4_0 factors (the phone build) of q/k/v, which share one stacked A, agree with torch under every
+    cache layout.
+
+    ggml-cpu repacks 2D Q4_0 weights on AVX2 (Q8_0 too on ARM) into interleaved rows, and its repacked
+    kernels read their input rows as contiguous. Two ways that went wrong: a member's rows of the
+    stacked A·x are a strided view over several tokens (the patch makes them contiguous; before, the
+    dense cache's V was off by 2.3 in the logits), and B_V, applied per KV head as a 3D tensor by a
+    latent cache, must not be repacked (the patch loads it 3D; before, ggml aborted). llama.cpp runs
+    in a child process, so that an abort fails this test, not the session."""
+    import json
+    import subprocess
+    import sys
+
+    from swiftsvd_export.backends.gguf import parity
+
+    _need_build()
+    tok = make_tokenizer(tmp_path / "tok")
+    model = make_tiny_llama(seed=7, hidden=128)  # d_kv = 2 KV heads x 32: B_V slices of 32 rows
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(25.0)
+    _factorize(model, {f"model.layers.{i}.self_attn.{p}_proj": 32 for i in range(2) for p in "qkv"})
+    save_lowrank(model, tmp_path / "m", dtype="fp32", tokenizer=tok)
+    seq = ids[:96]
+    ref = parity.torch_logits(model, seq)
+    paths = {lay: tmp_path / f"{lay}.gguf" for lay in LAYOUTS}
+    for lay, path in paths.items():
+        export_gguf(tmp_path / "m", path, factor_type="q4_0", embed_type="q8_0", quiet=True, kv_cache=lay)
+    _, t = _reader(paths["latent-v"])
+    assert t["blk.0.attn_v_lr_b.weight"].tensor_type.name == "Q4_0"
+    proc = subprocess.run([sys.executable, "-c", _LLAMACPP_CHILD, json.dumps(seq), *map(str, paths.values())],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, [ln for ln in proc.stderr.splitlines() if "ASSERT" in ln or "rror" in ln] or proc.stderr[-2000:]
+    for lay, path in paths.items():
+        r = parity.compare_logits(ref, np.load(f"{path}.npy"))  # Q4_0 rounding: about 0.33 here
+        assert r["max_abs_dlogit"] <= 0.6 and r["top1_agreement"] >= 0.99, (lay, r)

@@ -202,14 +202,14 @@ def test_cli_export_and_generate_latent(model_dir, tmp_path, capsys):
 
 def test_cli_default_is_latent_v_when_v_is_factorized(model_dir, tmp_path):
     """The CLI ships the V-latent cache for a compressed model; --kv-cache dense a dense cache from the
-    same (traced) writer, and --onnx-graph optimum optimum's graph."""
+    same (traced) writer, and --onnx-graph optimum optimum's graph, whose cache is dense without asking."""
     import json
 
     from swiftsvd_export.cli import main
 
     for args, layout, graph_from in (([], "latent-v", "torch-reference"),
                                      (["--kv-cache", "dense"], "dense", "torch-reference"),
-                                     (["--kv-cache", "dense", "--onnx-graph", "optimum"], "dense", "optimum")):
+                                     (["--onnx-graph", "optimum"], "dense", "optimum")):
         out = tmp_path / graph_from / layout
         assert main(["export", "--target", "onnx", str(model_dir), str(out), *args]) == 0
         summary = json.loads((out / "summary.json").read_text())

@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
         epilog="examples:\n"
                "  swiftsvd-export export --target onnx out/smol-0.4 out/smol-0.4-onnx --quantize int8\n"
                "  swiftsvd-export export --target onnx out/smol-0.4 out/smol-0.4-onnx-dense --kv-cache dense\n"
-               "  swiftsvd-export export --target onnx out/smol-0.4 out/smol-0.4-optimum --kv-cache dense --onnx-graph optimum\n"
+               "  swiftsvd-export export --target onnx out/smol-0.4 out/smol-0.4-optimum --onnx-graph optimum\n"
                "  swiftsvd-export export --target gguf out/smol-0.4 out/smol-0.4.gguf --factor-type q8_0\n")
     p.add_argument("--target", choices=sorted(TARGETS), required=True)
     p.add_argument("model_dir", help="compressed model folder (or a dense transformers folder)")
@@ -29,7 +29,8 @@ def add_parser(sub) -> None:
     p.add_argument("--kv-cache", default=None,
                    help="KV cache layout: dense, latent-v (cache A_V·x, needs v_proj factorized in every "
                         "layer) or latent-kv (cache A_K·x and A_V·x, rebuild K each step); default: "
-                        "latent-v when v_proj is factorized in every layer, else dense. For onnx, "
+                        "latent-v when v_proj is factorized in every layer (and, for onnx, the graph is "
+                        "traced), else dense. For onnx, "
                         "--kv-cache dense gives the graph optimum's ORTModelForCausalLM loads; a latent "
                         "graph runs with `generate --target onnx` (the project's own loop)")
     for target in TARGETS:

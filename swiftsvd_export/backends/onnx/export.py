@@ -200,7 +200,7 @@ def export_onnx(model_dir: str | Path, output: str | Path, precision: str = "fp3
     ``kv_cache`` picks the cache layout (``latent_kv.LAYOUTS``); a latent layout on a model whose
     cached projections are not factorized in every layer is refused, never exported dense. None
     (the CLI's default) picks ``latent_kv.default_layout``: latent-v for a model whose v_proj is
-    factorized everywhere. The API default stays ``dense``, the cache ``ORTModelForCausalLM`` loads.
+    factorized everywhere, dense with ``graph="optimum"`` (its exporter writes no other). The API default stays ``dense``, the cache ``ORTModelForCausalLM`` loads.
     ``graph`` picks the writer (``GRAPHS``); None: ``traced`` where the torch reference models the
     architecture (``spec.latent_kv``), else ``optimum``.
 
@@ -222,9 +222,10 @@ def export_onnx(model_dir: str | Path, output: str | Path, precision: str = "fp3
     factors = factor_shapes(model)
     config = model.config
     ranks = {n: k for n, (_, _, k) in factors.items()}
-    kv_cache = kv_cache or default_layout(ranks, config.num_hidden_layers, config.model_type)
+    if kv_cache is None:
+        kv_cache = "dense" if graph == "optimum" else default_layout(ranks, config.num_hidden_layers,
+                                                                      config.model_type)
     check_layout(kv_cache, config, ranks)
-    check_graph(graph, kv_cache)  # the layout just picked for kv_cache=None, against an explicit graph
     if graph is None:
         graph = "traced" if spec_for(config).latent_kv else "optimum"
     own_graph = graph == "traced"  # traced from the torch reference, not optimum's exporter
