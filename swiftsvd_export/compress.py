@@ -183,7 +183,7 @@ def gather_stats(model, spec, calib: CalibrationSet, cfg: CompressConfig, source
     path = meta = None
     if cfg.cache and source is not None:
         meta = expected_meta(source, calib.describe(), cfg.method, cfg.precision)
-        path = entry_path(source, calib.hash, cfg.method, cfg.precision)
+        path = entry_path(source, calib.hash, cfg.method, cfg.precision, cfg.device)
         t = time.perf_counter()
         stats, why = SpectrumStore.open(path, meta)
         timers["cache_load_s"] = time.perf_counter() - t

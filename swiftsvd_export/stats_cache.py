@@ -15,7 +15,8 @@ folder becomes the cache entry; with it off, it is a temporary folder under
 ``cache_root()/tmp`` removed at the end. A fresh run and a cache hit both build factors from
 the same stored float32 bases, so a cache hit is byte-identical.
 
-Cache layout: ``cache_root()/stats/<model-key>/<calib-sha256[:16]>-<method>-<precision>/``
+Cache layout: ``cache_root()/stats/<model-key>/<calib-sha256[:16]>-<method>-<precision>[-cuda]/``
+(``-cuda`` for decompositions made on a GPU)
 with ``block-NNNN.safetensors`` files and ``meta.json`` (written last, then the folder is
 renamed into place). ``cache_root()`` is ``$SWIFTSVD_CACHE`` or ``~/.cache/swiftsvd-export``;
 ``model-key`` hashes the resolved model folder path. ``meta.json`` records the model
@@ -253,9 +254,14 @@ def model_fingerprint(folder: str | Path) -> str:
     return h.hexdigest()
 
 
-def entry_path(folder: str | Path, calib_hash: str, method: str, precision: str = "fp32") -> Path:
+def entry_path(folder: str | Path, calib_hash: str, method: str, precision: str = "fp32",
+               device: str = "cpu") -> Path:
+    """A GPU's decompositions differ from the CPU's in the last bits (and, where eigenvalues at the
+    cut are tied below round-off, in which eigenvectors are kept), so each device type has its own entry."""
     key = hashlib.sha256(str(Path(folder).resolve()).encode()).hexdigest()[:16]
-    return cache_root() / "stats" / f"{Path(folder).name}-{key}" / f"{calib_hash[:16]}-{method}-{precision}"
+    kind = torch.device(device).type
+    suffix = "" if kind == "cpu" else f"-{kind}"
+    return cache_root() / "stats" / f"{Path(folder).name}-{key}" / f"{calib_hash[:16]}-{method}-{precision}{suffix}"
 
 
 def expected_meta(folder: str | Path, calib: dict, method: str, precision: str = "fp32") -> dict:

@@ -500,3 +500,13 @@ def test_dynamic_ratio_below_the_rank_multiple_floor_takes_the_floor(tiny_model_
                                       allocation="dynamic"), source=folder)
     lo, _ = min_max_linear_params(res.shapes, 32)
     assert res.params()["linear_params_after"] == lo and set(res.ranks.values()) == {32}
+
+
+def test_cache_entry_per_device_type(tmp_path):
+    """CPU and GPU decompositions differ in the last bits, so each device type keeps its own entry
+    (the CPU's path is the one earlier releases wrote)."""
+    h = "ab" * 32
+    cpu = entry_path(tmp_path, h, "swift", "fp32")
+    assert cpu.name == f"{h[:16]}-swift-fp32" and entry_path(tmp_path, h, "swift", "fp32", "cpu") == cpu
+    assert entry_path(tmp_path, h, "swift", "fp32", "cuda:1") == entry_path(tmp_path, h, "swift", "fp32", "cuda") \
+        == cpu.with_name(cpu.name + "-cuda")

@@ -29,15 +29,11 @@ PROMPTS = [
 ]
 
 
-
-
 def compare_logits(a: np.ndarray, b: np.ndarray) -> dict:
     n = min(len(a), len(b))
     a, b = a[:n], b[:n]
     return {"positions": n, "max_abs_dlogit": float(np.abs(a - b).max()),
             "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).mean())}
-
-
 
 
 def nll_from_logits(logits: np.ndarray, ids: list[int]) -> tuple[float, int]:
