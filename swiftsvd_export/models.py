@@ -203,9 +203,12 @@ def resolve(model: str) -> Path:
 
 def check_transformers() -> None:
     """Refuse a transformers major version this tool was never run on: the pin (4.57.6) can be
-    bypassed by an environment that already holds another one, and the failure is silent (2026-11-30:
-    SmolLM2 compressed at ratio 0.4 under transformers 5.17, then loaded and scored under 4.57.6,
-    gave perplexity 65 000 instead of 194; the cause was not traced)."""
+    bypassed by an environment that already holds another one, and the failure is silent. SmolLM2
+    compressed at ratio 0.4 under transformers 5.17 and scored under 4.57.6 gave perplexity ~6e4
+    instead of ~200: 5.17 builds a SentencePiece-style LlamaTokenizer over the ByteLevel
+    tokenizer.json that 4.x saved (spaces and newlines vanish), so calibration ran on other tokens and
+    that tokenizer was saved with the model; and every 5.x writes rope_theta only inside
+    rope_parameters, which 4.x reads as its default 10000 (README, "Distributed calibration and GPUs")."""
     import transformers
 
     major = int(transformers.__version__.split(".")[0])
