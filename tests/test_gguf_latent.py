@@ -241,7 +241,6 @@ def test_validate_counts_latent_cache_bytes(tiny, layout):
     assert art.kv_bytes_per_token == 2 * (row_k + row_v) * 2
 
 
-
 _LLAMACPP_CHILD = r"""
 import json, sys
 import numpy as np

@@ -200,7 +200,8 @@ def export_onnx(model_dir: str | Path, output: str | Path, precision: str = "fp3
     ``kv_cache`` picks the cache layout (``latent_kv.LAYOUTS``); a latent layout on a model whose
     cached projections are not factorized in every layer is refused, never exported dense. None
     (the CLI's default) picks ``latent_kv.default_layout``: latent-v for a model whose v_proj is
-    factorized everywhere, dense with ``graph="optimum"`` (its exporter writes no other). The API default stays ``dense``, the cache ``ORTModelForCausalLM`` loads.
+    factorized everywhere, dense with ``graph="optimum"`` (its exporter writes no other). The API
+    default stays ``dense``, the cache ``ORTModelForCausalLM`` loads.
     ``graph`` picks the writer (``GRAPHS``); None: ``traced`` where the torch reference models the
     architecture (``spec.latent_kv``), else ``optimum``.
 
