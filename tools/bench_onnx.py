@@ -22,6 +22,8 @@ the project's torch reference with a dense KV cache (``export_onnx(..., graph="t
 export's default for Llama since 2026-11-30) instead of optimum's: the same attention code for
 all models, which multiplies grouped queries against the cached K/V where optimum's graph
 expands K and V per query head every step (a cost compression does not shrink).
+``--kv-cache latent-v`` gives the compressed models the V-latent cache that ``export`` writes by
+default for them (the dense model keeps its dense cache; its bytes per position count in the target).
 
     python tools/bench_onnx.py --out bench_onnx.json              # ~10 min on 2 busy cores
     python tools/bench_onnx.py --threads 1 --decode-steps 8        # shorter
@@ -46,7 +48,11 @@ LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def kv_bytes_per_position(folder: Path) -> int:
-    """fp32 K and V rows of one cached position over all layers, from the exported config."""
+    """fp32 cache rows of one cached position over all layers: the export summary's figure (a latent
+    layout caches fewer), else K and V from the exported config."""
+    kv = json.loads((folder / "summary.json").read_text()).get("kv_cache", {})
+    if "bytes_per_token_fp32" in kv:
+        return int(kv["bytes_per_token_fp32"])
     cfg = json.loads((folder / "config.json").read_text())
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     kv_heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
@@ -174,6 +180,9 @@ def main() -> int:
     ap.add_argument("--graph", choices=("traced", "optimum"), default="traced",
                     help="the graph traced from the torch reference (default, as `export` writes it for "
                          "Llama) or optimum's exporter")
+    ap.add_argument("--kv-cache", choices=("dense", "latent-v"), default="dense",
+                    help="the compressed models' cache (traced graph only): dense (default) or latent-v, "
+                         "what `export` ships for a model whose v_proj is factorized everywhere")
     ap.add_argument("--work", default="bench_onnx_work", help="folder for the exported graphs (reused)")
     ap.add_argument("--out", default="bench_onnx.json")
     ap.add_argument("--separate", action="store_true",
@@ -182,6 +191,8 @@ def main() -> int:
     ap.add_argument("--child", nargs=2, metavar=("FOLDER", "THREADS"), help=argparse.SUPPRESS)
     ap.add_argument("--child-interleaved", nargs="+", metavar="FOLDER... THREADS", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.kv_cache != "dense" and a.graph != "traced":
+        ap.error(f"--kv-cache {a.kv_cache} needs --graph traced")
     contexts = [int(c) for c in a.contexts.split(",")]
     if a.child:
         print(json.dumps(child(a.child[0], int(a.child[1]), a.prefill, contexts, a.decode_steps, a.reps)))
@@ -203,7 +214,9 @@ def main() -> int:
     variants = [("dense", None)] + [(f"r{r}", float(r)) for r in a.ratios.split(",")]
     summaries, folders = {}, {}
     for name, ratio in variants:
-        dst = folders[name] = work / (name if a.graph == "optimum" else f"{name}-traced")
+        kv_cache = a.kv_cache if ratio is not None else "dense"
+        dst = folders[name] = work / (name if a.graph == "optimum" else
+                                      f"{name}-traced" + ("" if kv_cache == "dense" else f"-{kv_cache}"))
         if not (dst / "summary.json").is_file():
             t = time.time()
             src = given.get(str(ratio)) if ratio is not None else None
@@ -211,7 +224,7 @@ def main() -> int:
             if ratio is not None and src is None:
                 svd_compress(model, ratio)
             export_onnx(src or f"smollm2-135m (truncated SVD r={ratio})" if ratio else "smollm2-135m", dst,
-                        model=model, tokenizer=tok, overwrite=True, graph=a.graph)
+                        model=model, tokenizer=tok, overwrite=True, graph=a.graph, kv_cache=kv_cache)
             print(f"exported {name} in {time.time() - t:.0f}s", file=sys.stderr)
         summaries[name] = json.loads((dst / "summary.json").read_text())
 
@@ -259,7 +272,7 @@ def main() -> int:
               + " ".join(f"{r[f'speedup@{c}']:>8.2f}" for c in contexts) + " "
               + " ".join(f"{r[f'target_speedup@{c}']:>8.2f}" for c in contexts)
               + f" {r['peak_rss_mb']:>7.0f}")
-    meta = {"graph": a.graph, "decode_speeds": "separate children" if a.separate else "interleaved in one child", "cpu_count": os.cpu_count(), "load_avg_at_end": os.getloadavg(), "prefill": a.prefill,
+    meta = {"graph": a.graph, "kv_cache_compressed": a.kv_cache, "decode_speeds": "separate children" if a.separate else "interleaved in one child", "cpu_count": os.cpu_count(), "load_avg_at_end": os.getloadavg(), "prefill": a.prefill,
             "contexts": contexts, "decode_steps": a.decode_steps, "reps": a.reps,
             "compressed_source": given or "truncated SVD in tools/bench_onnx.py"}
     Path(a.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
