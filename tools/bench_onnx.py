@@ -9,8 +9,9 @@ and speedups come from that child, so a change of machine load hits all models a
 (``--separate``: from the per-model children instead, as before 2026-11-30).
 Target: decode speedup of compressed over dense >= 0.9 x (dense bytes / compressed bytes read
 per decoded token), from the same run. Bytes read per token at context c: every weight
-initializer (the tied embedding is read in full as the output head) plus the fp32 K/V cache rows
-of the c cached positions, which are the same for dense and compressed models.
+initializer (the tied embedding is read in full as the output head) plus the fp32 cache rows
+of the c cached positions (the export summary's bytes per token: the same for dense and
+compressed models with a dense cache, fewer with a latent one).
 
 Compressed models: ``--compressed 0.4=out/smol-0.4`` uses a folder from
 ``swiftsvd-export compress smollm2-135m out/smol-0.4 --ratio 0.4``; without it the model is
@@ -45,18 +46,6 @@ from benchlib import run_json_child  # noqa: E402
 from swiftsvd_export.memory import peak_rss_mib  # noqa: E402
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def kv_bytes_per_position(folder: Path) -> int:
-    """fp32 cache rows of one cached position over all layers: the export summary's figure (a latent
-    layout caches fewer), else K and V from the exported config."""
-    kv = json.loads((folder / "summary.json").read_text()).get("kv_cache", {})
-    if "bytes_per_token_fp32" in kv:
-        return int(kv["bytes_per_token_fp32"])
-    cfg = json.loads((folder / "config.json").read_text())
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    kv_heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-    return cfg["num_hidden_layers"] * 2 * kv_heads * head_dim * 4
 
 
 def svd_compress(model, ratio: float):
@@ -232,7 +221,7 @@ def main() -> int:
     for name, _ in variants:
         s = summaries[name]
         wbytes = sum(s["initializer_bytes"].values())
-        kv_per_position = kv_bytes_per_position(folders[name])
+        kv_per_position = s["kv_cache"]["bytes_per_token_fp32"]  # this graph's own layout
         for th in [int(x) for x in a.threads.split(",")]:
             m = _run_child(["--child", str(folders[name]), str(th)], th, a)
             rows.append({"model": name, "threads": th, "file_mb": s["files"]["onnx_bytes"] / 1e6,
