@@ -324,3 +324,18 @@ def test_release_gguf_target(tmp_path, capsys, tiny_model_dir, calib_txt):
     assert (out / "artifacts" / "q8.gguf").is_file()
     _verify_checksums(out)
     assert "gate passed: 5 checks" in capsys.readouterr().out
+
+
+def test_release_gguf_q4_profile_is_importance_weighted(tmp_path, capsys, tiny_model_dir, calib_txt):
+    """A profile with 4-bit factors gets them weighted by the release's own calibration text; the
+    release record says so."""
+    pipeline.check_llamacpp()
+    profile = _write(tmp_path, 'description = "test: llama.cpp 4-bit"\nformat = "gguf"\n[export]\n'
+                               'factor_type = "q4_0"\na_type = "q8_0"\nembed_type = "q8_0"\n', "q4.toml")
+    out = tmp_path / "rel"
+    target = f'[[targets]]\nprofile = "{profile}"\nname = "q4"\n'
+    cfg = _tiny_config(tmp_path, tiny_model_dir, calib_txt, target, SATISFIABLE)
+    assert main(["release", str(cfg), "--out", str(out)]) == 0, capsys.readouterr()
+    export = json.loads((out / "release.json").read_text())["targets"][0]["export"]
+    assert export["importance_weighted_tensors"] > 0
+    assert export["importance"].endswith(f"tokens of {calib_txt.name}"), export

@@ -21,7 +21,9 @@ def add_parser(sub) -> None:
                "  swiftsvd-export export --target onnx out/smol-0.4 out/smol-0.4-onnx --quantize int8\n"
                "  swiftsvd-export export --target onnx out/smol-0.4 out/smol-0.4-onnx-dense --kv-cache dense\n"
                "  swiftsvd-export export --target onnx out/smol-0.4 out/smol-0.4-optimum --onnx-graph optimum\n"
-               "  swiftsvd-export export --target gguf out/smol-0.4 out/smol-0.4.gguf --factor-type q8_0\n")
+               "  swiftsvd-export export --target gguf out/smol-0.4 out/smol-0.4.gguf --factor-type q8_0\n"
+               "  swiftsvd-export export --target gguf out/smol-0.4 out/smol-0.4-q4.gguf --factor-type q4_0 "
+               "--a-type q8_0 --embed-type q8_0 --imatrix-calib my_text.jsonl\n")
     p.add_argument("--target", choices=sorted(TARGETS), required=True)
     p.add_argument("model_dir", help="compressed model folder (or a dense transformers folder)")
     p.add_argument("output", help="output folder (onnx) or file (gguf)")

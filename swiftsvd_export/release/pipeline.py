@@ -22,6 +22,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -80,20 +81,29 @@ def is_release_folder(path: Path) -> bool:
         return False
 
 
-def export_target(model_dir: Path, dest: Path, target: Target) -> dict:
+def export_target(model_dir: Path, dest: Path, target: Target, calib: str | None = None,
+                  text_field: str = "text") -> dict:
     """Lower the compressed folder with the target profile's export options; the KV cache layout
     is the CLI's default for both formats (V-latent when v_proj is factorized in every layer)
-    unless the profile names one."""
+    unless the profile names one. Q4_0 GGUF factors are importance-weighted (unless the profile says
+    ``imatrix = false``) from ``calib``, the release's calibration text (default: the shipped set)."""
     profile = target.profile
     if profile.format == "onnx":
         from ..backends.onnx.export import export_onnx
 
         return export_onnx(model_dir, dest, **{"kv_cache": None, **profile.export})
+    from ..backends.gguf.importance import measure
     from ..backends.gguf.writer import export_gguf
+    from ..calibration import DEFAULT_CALIBRATION
 
-    s = export_gguf(model_dir, dest, quiet=True, **profile.export)
+    opts = dict(profile.export)
+    importance = None
+    if opts.pop("imatrix", True) and "q4_0" in (opts.get("factor_type"), opts.get("a_type")):
+        importance = partial(measure, model_dir, calib or DEFAULT_CALIBRATION, text_field=text_field)
+    s = export_gguf(model_dir, dest, quiet=True, importance=importance, **opts)
     return {"format": "gguf", **profile.export, "size_bytes": s.size_bytes, "n_tensors": s.n_tensors,
-            "n_lowrank": s.n_lowrank, "n_dense": s.n_dense, "fallbacks": s.fallbacks}
+            "n_lowrank": s.n_lowrank, "n_dense": s.n_dense, "fallbacks": s.fallbacks,
+            "importance_weighted_tensors": s.n_weighted, "importance": s.importance or None}
 
 
 def relocate(folder: Path) -> None:
@@ -145,7 +155,8 @@ def run_release(cfg: ReleaseConfig, out: str | Path, overwrite: bool = False,
             dest = tmp / "artifacts" / target.profile.artifact_name(target.name)
             say(f"[release {cfg.name}] export {target.name} ({target.profile.name}) -> {dest.relative_to(tmp)}")
             t = time.perf_counter()
-            exports[target.name] = export_target(tmp / "model", dest, target)
+            exports[target.name] = export_target(tmp / "model", dest, target, cfg.compress.get("calib"),
+                                                 cfg.compress.get("text_field", "text"))
             timings[f"export_{target.name}_s"] = time.perf_counter() - t
             artifacts[target.name] = dest
 

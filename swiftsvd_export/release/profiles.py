@@ -5,7 +5,8 @@ Profile file::
 
     description = "..."
     format = "onnx" | "gguf"
-    [export]          # onnx: precision, quantize, block_size, mobile; gguf: factor_type, embed_type;
+    [export]          # onnx: precision, quantize, block_size, mobile; gguf: factor_type, a_type, embed_type,
+                      # imatrix (Q4_0 weighted by the release's calibration; default true);
                       # both: kv_cache (default: latent-v when v_proj is factorized everywhere, else dense)
     [requires]        # rank_multiple: compress ranks must be a multiple of it (quantization blocks)
 """
@@ -28,7 +29,8 @@ PROFILE_SCHEMA = {"description": str, "format": FORMATS, "export": dict, "requir
 EXPORT_SCHEMA = {
     "onnx": {"precision": PRECISIONS, "quantize": QUANTIZE, "block_size": int, "mobile": bool, "kv_cache": KV_LAYOUTS,
              "graph": ONNX_GRAPHS},
-    "gguf": {"factor_type": FACTOR_TYPES, "embed_type": EMBED_TYPES, "kv_cache": KV_LAYOUTS},
+    "gguf": {"factor_type": FACTOR_TYPES, "a_type": FACTOR_TYPES, "embed_type": EMBED_TYPES, "kv_cache": KV_LAYOUTS,
+             "imatrix": bool},
 }
 REQUIRES_SCHEMA = {"rank_multiple": int}
 

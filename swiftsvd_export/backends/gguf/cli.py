@@ -10,8 +10,18 @@ KV_CACHE_LAYOUTS = ("dense", "latent-v", "latent-kv")
 def add_export_arguments(group) -> None:
     group.add_argument("--factor-type", choices=FACTOR_TYPES, default="f16",
                        help="GGUF type of the low-rank factors and dense block weights (default f16)")
+    group.add_argument("--a-type", choices=FACTOR_TYPES, default=None,
+                       help="GGUF type of the A factors (default: --factor-type); e.g. q8_0 with --factor-type "
+                            "q4_0 keeps the more sensitive factor at 8 bits")
     group.add_argument("--embed-type", choices=EMBED_TYPES, default="f16",
                        help="GGUF type of the token embeddings / output head (default f16)")
+    group.add_argument("--imatrix-calib", default=None, metavar="FILE",
+                       help="q4_0: text (.txt/.jsonl/.parquet) whose activations weight the 4-bit rounding "
+                            "(E[x^2] per input channel, as llama-imatrix); default: the shipped calibration set")
+    group.add_argument("--imatrix-samples", type=int, default=16, metavar="N",
+                       help="q4_0: sequences of 512 tokens for the importance pass (default 16)")
+    group.add_argument("--no-imatrix", action="store_true",
+                       help="q4_0: plain round-to-nearest blocks (gguf-py's quantizer), no importance pass")
 
 
 def run_export(args) -> int:
@@ -20,8 +30,19 @@ def run_export(args) -> int:
     import logging
 
     logging.getLogger("gguf").setLevel(logging.WARNING)
+    importance = None
+    if "q4_0" in (args.factor_type, args.a_type) and not args.no_imatrix:
+        from functools import partial
+
+        from ...calibration import DEFAULT_CALIBRATION
+        from .importance import measure
+
+        # run by export_gguf once the inputs are checked
+        importance = partial(measure, args.model_dir, args.imatrix_calib or DEFAULT_CALIBRATION,
+                             args.imatrix_samples, 512)
     export_gguf(args.model_dir, args.output, factor_type=args.factor_type,
-                embed_type=args.embed_type, overwrite=args.overwrite, kv_cache=args.kv_cache)
+                embed_type=args.embed_type, overwrite=args.overwrite, kv_cache=args.kv_cache,
+                importance=importance, a_type=args.a_type)
     return 0
 
 

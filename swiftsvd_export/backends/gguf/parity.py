@@ -4,6 +4,8 @@
 
 Same token ids on both sides: logits over ``--positions`` tokens of WikiText-2 test (max |Δlogit|,
 top-1 agreement), greedy continuations of 5 prompts, and perplexity over ``--ppl-chunks`` chunks.
+Q4_0 factors are quantized with importance weights from ``--imatrix-calib`` (default: the shipped
+calibration set; ``--no-imatrix``: plain), as ``export --target gguf`` does.
 """
 from __future__ import annotations
 
@@ -55,11 +57,15 @@ def wikitext_ids(tokenizer, n_tokens: int, path: Path = WIKI_TEST) -> list[int]:
 
 
 def run(model_dir: Path, types: list[str], positions: int = 256, n_new: int = 64,
-        ppl_chunks: int = 8, ppl_ctx: int = 512, threads: int | None = None, embed_type: str | None = None) -> dict:
+        ppl_chunks: int = 8, ppl_ctx: int = 512, threads: int | None = None, embed_type: str | None = None,
+        imatrix_calib: str | Path | None = None, imatrix_samples: int = 16, a_type: str | None = None) -> dict:
+    """``imatrix_calib``: the text of the importance pass for Q4_0 (None: plain Q4_0); ``a_type``: the A
+    factors' type (default: each factor type)."""
     from transformers import AutoTokenizer
 
     from ...lowrank import load
     from . import runtime
+    from .importance import measure
     from .writer import export_gguf
 
     model = load(model_dir, dtype=torch.float32)
@@ -75,12 +81,17 @@ def run(model_dir: Path, types: list[str], positions: int = 256, n_new: int = 64
         s, k = nll_from_logits(torch_logits(model, c), c)
         nll, cnt = nll + s, cnt + k
     out = {"model_dir": str(model_dir), "positions": positions, "torch_ppl": math.exp(nll / cnt),
-           "ppl_tokens": cnt, "types": {}}
+           "ppl_tokens": cnt, "a_type": a_type, "types": {}}
+    importance = None
+    if "q4_0" in [*types, a_type] and imatrix_calib is not None:
+        importance = measure(model_dir, imatrix_calib, imatrix_samples, 512)
+        out["q4_0_importance"] = {"calibration": str(imatrix_calib), "sequences": importance.chunks,
+                                  "tokens": importance.tokens}
     with tempfile.TemporaryDirectory() as tmp:
         for t in types:
             path = Path(tmp) / f"m-{t}.gguf"
             export_gguf(model_dir, path, factor_type=t, embed_type=embed_type or
-                        ("q8_0" if t == "q4_0" else t), quiet=True)
+                        ("q8_0" if t == "q4_0" else t), quiet=True, importance=importance, a_type=a_type)
             llm = runtime.open_model(path, n_ctx=max(positions, ppl_ctx, 256), n_threads=threads,
                                      logits_all=True, n_batch=max(positions, ppl_ctx), kv_f32=True)
             r = compare_logits(ref, runtime.logits(llm, ids[:positions]))
@@ -109,9 +120,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ppl-chunks", type=int, default=8)
     p.add_argument("--ppl-ctx", type=int, default=512)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--imatrix-calib", default=None, metavar="FILE",
+                   help="q4_0: calibration text of the importance pass (default: the shipped set)")
+    p.add_argument("--no-imatrix", action="store_true", help="q4_0: plain round-to-nearest blocks")
+    p.add_argument("--a-type", default=None, help="type of the A factors (default: each --types entry)")
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args(argv)
-    res = run(a.model_dir, a.types, a.positions, a.new_tokens, a.ppl_chunks, a.ppl_ctx, a.threads, a.embed_type)
+    from ...calibration import DEFAULT_CALIBRATION
+
+    calib = None if a.no_imatrix else (a.imatrix_calib or DEFAULT_CALIBRATION)
+    res = run(a.model_dir, a.types, a.positions, a.new_tokens, a.ppl_chunks, a.ppl_ctx, a.threads, a.embed_type,
+              calib, a_type=a.a_type)
     print(f"torch ppl {res['torch_ppl']:.4f} over {res['ppl_tokens']} tokens")
     print(f"{'type':6} {'max|dlogit|':>12} {'top1':>7} {'greedy':>7} {'ppl':>9} {'ppl diff':>9} {'MiB':>7}")
     for t, r in res["types"].items():

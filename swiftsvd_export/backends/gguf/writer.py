@@ -14,13 +14,15 @@ import logging
 from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from ...atomic import atomic_file
+from ...atomic import atomic_file, check_output
 from ...errors import SwiftSVDError
 from ...latent_kv import check_layout, default_layout
 from ...lowrank import FORMAT_VERSION, read_config
+from .importance import LATENT, GGMLQuantizer, Importance
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,8 @@ class ExportSummary:
     fallbacks: list[str] = field(default_factory=list)
     size_bytes: int = 0
     kv_cache: str = "dense"
+    n_weighted: int = 0
+    importance: str = ""
 
     def lines(self) -> list[str]:
         out = [f"wrote {self.path} ({self.size_bytes / 2**20:.1f} MiB, {self.n_tensors} tensors: "
@@ -83,6 +87,8 @@ class ExportSummary:
             out.append(f"{len(self.fallbacks)} tensors stored as F16 because their rows do not fit "
                        f"the {QUANT_BLOCK}-wide quantization block: " + ", ".join(self.fallbacks[:6])
                        + (" ..." if len(self.fallbacks) > 6 else ""))
+        if self.n_weighted:
+            out.append(f"{self.n_weighted} Q4_0 tensors quantized with importance weights ({self.importance})")
         return out
 
 
@@ -179,8 +185,14 @@ def check_kv_cache(kv_cache: str, cfg: dict, ranks: dict[str, int], where: str) 
 
 def export_gguf(model_dir: str | Path, output: str | Path, factor_type: str = "f16",
                 embed_type: str = "f16", overwrite: bool = False, quiet: bool = False,
-                kv_cache: str | None = None) -> ExportSummary:
-    """Write the GGUF; ``kv_cache`` None picks ``latent_kv.default_layout``."""
+                kv_cache: str | None = None,
+                importance: Importance | Callable[[], Importance] | None = None,
+                a_type: str | None = None) -> ExportSummary:
+    """Write the GGUF; ``kv_cache`` None picks ``latent_kv.default_layout``; ``a_type`` (default
+    ``factor_type``) is the type of the A factors, ``factor_type`` that of B and of dense block
+    weights (A is the more sensitive factor: README, "Q4_0 factors"). With ``importance``
+    (``importance.measure``'s result, or a function returning it, called once the inputs are checked),
+    every Q4_0 block weight is quantized by ggml, its rounding weighted by its inputs' E[x²]."""
     import gguf
 
     folder = Path(model_dir)
@@ -191,7 +203,8 @@ def export_gguf(model_dir: str | Path, output: str | Path, factor_type: str = "f
                             "graph only; targets/llamacpp/README.md ('Other architectures') says what "
                             "Gemma 3 and the others need; use --target onnx for this model")
     qtypes = _qtypes()
-    for what, t in (("factor type", factor_type), ("embedding type", embed_type)):
+    a_type = a_type or factor_type
+    for what, t in (("factor type", factor_type), ("A factor type", a_type), ("embedding type", embed_type)):
         if t not in qtypes:
             raise SwiftSVDError(f"unknown {what} {t!r}; choose one of {', '.join(qtypes)}")
     meta = cfg.get("swiftsvd", {"format_version": FORMAT_VERSION, "ranks": {}})
@@ -220,8 +233,16 @@ def export_gguf(model_dir: str | Path, output: str | Path, factor_type: str = "f
     w = _Weights(folder)
     summary = ExportSummary(path=Path(output), kv_cache=kv_cache)
     fallbacks = summary.fallbacks
-    factor_q, embed_q = qtypes[factor_type], qtypes[embed_type]
+    factor_q, a_q, embed_q = qtypes[factor_type], qtypes[a_type], qtypes[embed_type]
     F16 = qtypes["f16"]
+    quantizer = None
+    if importance is not None and qtypes["q4_0"] in (factor_q, a_q):
+        from .runtime import patched_lib_dir
+
+        check_output(Path(output), overwrite)  # before the importance pass, not after it
+        quantizer = GGMLQuantizer(patched_lib_dir())
+        if callable(importance):
+            importance = importance()
 
     output = Path(output)
     with atomic_file(output, overwrite) as tmp:
@@ -248,8 +269,12 @@ def export_gguf(model_dir: str | Path, output: str | Path, factor_type: str = "f
             writer.add_key_value(KV_LAYOUT_KEY, [kv_bits] * n_layer, gguf.GGUFValueType.ARRAY,
                                  sub_type=gguf.GGUFValueType.UINT32)
         _hf_tokenizer_metadata(folder, writer, vocab_size)
+        if quantizer is not None:  # the keys llama-quantize writes for an imatrix
+            writer.add_string("quantize.imatrix.dataset", importance.dataset)
+            writer.add_int32("quantize.imatrix.entries_count", len(importance.vectors))
+            writer.add_int32("quantize.imatrix.chunks_count", importance.chunks)
 
-        def add(name: str, arr: np.ndarray, qtype) -> None:
+        def add(name: str, arr: np.ndarray, qtype, weights=None) -> None:
             arr = np.ascontiguousarray(arr, dtype=np.float32)
             if qtype in (qtypes["q8_0"], qtypes["q4_0"]) and arr.shape[-1] % QUANT_BLOCK:
                 fallbacks.append(f"{name} {tuple(arr.shape)}")
@@ -258,6 +283,9 @@ def export_gguf(model_dir: str | Path, output: str | Path, factor_type: str = "f
                 writer.add_tensor(name, arr)
             elif qtype == F16:
                 writer.add_tensor(name, arr.astype(np.float16))
+            elif qtype == qtypes["q4_0"] and quantizer is not None and weights is not None:
+                writer.add_tensor(name, quantizer.quantize(arr, qtype, weights()), raw_dtype=qtype)
+                summary.n_weighted += 1
             else:
                 writer.add_tensor(name, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
             summary.n_tensors += 1
@@ -271,6 +299,7 @@ def export_gguf(model_dir: str | Path, output: str | Path, factor_type: str = "f
             for hf, gg in NORMS.items():
                 add(f"blk.{i}.{gg}.weight", w.get(f"{pre}.{hf}.weight"), qtypes["f32"])
             a_of: dict[str, np.ndarray] = {}
+            input_of: dict[str, str] = {}  # GGUF base name -> module whose input its A reads
             for hf, gg in LINEARS.items():
                 heads = n_head if gg == "attn_q" else n_head_kv if gg == "attn_k" else None
                 module = f"{pre}.{hf}"
@@ -281,26 +310,31 @@ def export_gguf(model_dir: str | Path, output: str | Path, factor_type: str = "f
                                             f"match rank {ranks[module]}")
                     if heads:
                         b = permute_rows(b, heads)
-                    a_of[gg] = a
-                    add(f"blk.{i}.{gg}_lr_b.weight", b, factor_q)
+                    a_of[gg], input_of[gg] = a, module
+                    add(f"blk.{i}.{gg}_lr_b.weight", b, factor_q,
+                        lambda m=module: importance.for_linear(m, LATENT))
                     summary.n_lowrank += 1
                 else:
                     d = w.get(f"{module}.weight")
                     if heads:
                         d = permute_rows(d, heads)
-                    add(f"blk.{i}.{gg}.weight", d, factor_q)
+                    add(f"blk.{i}.{gg}.weight", d, factor_q, lambda m=module: importance.for_linear(m))
                     summary.n_dense += 1
             for group, members in STACKED_A.items():
-                stack = [a_of.pop(m) for m in members if m in a_of]
-                if stack:
-                    add(f"blk.{i}.{group}_lr_a.weight", np.concatenate(stack), factor_q)
+                present = [m for m in members if m in a_of]
+                if present:
+                    add(f"blk.{i}.{group}_lr_a.weight", np.concatenate([a_of.pop(m) for m in present]), a_q,
+                        lambda m=input_of[present[0]]: importance.for_linear(m))
             for gg, a in a_of.items():
-                add(f"blk.{i}.{gg}_lr_a.weight", a, factor_q)
+                add(f"blk.{i}.{gg}_lr_a.weight", a, a_q, lambda m=input_of[gg]: importance.for_linear(m))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
     summary.size_bytes = output.stat().st_size
+    if summary.n_weighted:
+        summary.importance = f"E[x²] from {importance.chunks} x {importance.tokens // max(importance.chunks, 1)} " \
+                             f"tokens of {importance.dataset}"
     if not quiet:
         for line in summary.lines():
             print(line)
