@@ -23,7 +23,7 @@ from swiftsvd_export.release.junit import junit_xml
 from swiftsvd_export.release.profiles import available
 
 PROFILES = ["laptop-x86-llamacpp-f16", "laptop-x86-llamacpp-q8", "laptop-x86-onnx-fp16",
-            "laptop-x86-onnx-fp32", "phone-arm64-onnx-int8"]
+            "laptop-x86-onnx-fp32", "phone-arm64-llamacpp-q4", "phone-arm64-onnx-int8"]
 
 
 # ------------------------------------------------------------------------ gate on hand-built reports
@@ -327,13 +327,11 @@ def test_release_gguf_target(tmp_path, capsys, tiny_model_dir, calib_txt):
 
 
 def test_release_gguf_q4_profile_is_importance_weighted(tmp_path, capsys, tiny_model_dir, calib_txt):
-    """A profile with 4-bit factors gets them weighted by the release's own calibration text; the
-    release record says so."""
+    """The shipped 4-bit phone profile gets its Q4_0 tensors weighted by the release's own
+    calibration text; the release record says so."""
     pipeline.check_llamacpp()
-    profile = _write(tmp_path, 'description = "test: llama.cpp 4-bit"\nformat = "gguf"\n[export]\n'
-                               'factor_type = "q4_0"\na_type = "q8_0"\nembed_type = "q8_0"\n', "q4.toml")
     out = tmp_path / "rel"
-    target = f'[[targets]]\nprofile = "{profile}"\nname = "q4"\n'
+    target = '[[targets]]\nprofile = "phone-arm64-llamacpp-q4"\nname = "q4"\n'
     cfg = _tiny_config(tmp_path, tiny_model_dir, calib_txt, target, SATISFIABLE)
     assert main(["release", str(cfg), "--out", str(out)]) == 0, capsys.readouterr()
     export = json.loads((out / "release.json").read_text())["targets"][0]["export"]
