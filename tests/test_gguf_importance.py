@@ -128,6 +128,10 @@ def test_a_factors_at_their_own_type(tiny, calib_txt, tmp_path):
     types = {n: x.tensor_type.name for n, x in t.items() if n.startswith("blk.") and "norm" not in n}
     assert {n for n, ty in types.items() if ty == "Q8_0"} == {n for n in types if "_lr_a" in n} != set()
     assert s.n_weighted == sum(ty == "Q4_0" for ty in types.values()) == 2 * 7
+    from swiftsvd_export.validation.artifacts import discover
+
+    (art,) = discover([tmp_path / "m.gguf"])
+    assert set(art.variant.split("+")) == {"q4_0", "q8_0"}  # the report names both types, by bytes
 
 
 @pytest.mark.llamacpp

@@ -267,6 +267,6 @@ def gguf_artifact(path: Path) -> Artifact:
 
     kv = sum(width(il, "k", 2, kv_heads * head_dim) + width(il, "v", 1, kv_heads * v_dim) for il in range(layers))
     return Artifact(name=path.name, kind="gguf", path=path,
-                    variant=by.most_common(1)[0][0] if by else "unknown",
+                    variant="+".join(t for t, _ in by.most_common()) or "unknown",  # e.g. q4_0+q8_0
                     file_bytes=path.stat().st_size, weight_bytes_per_token=total,
                     kv_bytes_per_token=kv * LLAMACPP_KV_BYTES)
