@@ -82,6 +82,7 @@ def exports(lowrank_dir, tmp_path_factory) -> dict[str, Path]:
     out = {}
     for name, kw in {"fp32": dict(mobile=True), "fp16": dict(precision="fp16"),
                      "int8": dict(quantize="int8"), "int4": dict(quantize="int4"),
+                     "int4-a8": dict(quantize="int4-a8"),
                      "int8-dynamic": dict(quantize="int8-dynamic")}.items():
         export_onnx(lowrank_dir, base / name, **kw)
         out[name] = base / name
@@ -161,6 +162,24 @@ def test_quantized_graphs_use_the_quantized_ops(exports):
         assert (exports[v] / "model.onnx").stat().st_size < (exports["fp32"] / "model.onnx").stat().st_size
 
 
+def test_int4_with_8_bit_a_factors(exports):
+    """int4-a8: every A factor is an 8-bit MatMulNBits, every other quantized MatMul 4-bit."""
+    g = onnx.load(str(exports["int4-a8"] / "model.onnx"))
+    bits = {n.name: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}["bits"]
+            for n in g.graph.node if n.op_type == "MatMulNBits"}
+    a_bits = {name: b for name, b in bits.items() if "/A/" in name}
+    assert len(a_bits) == LAYERS * len(RANKS) and set(a_bits.values()) == {8}
+    assert {b for name, b in bits.items() if "/A/" not in name} == {4}
+    assert check_pairs(g, expected_factors()).ok
+    size = {v: (exports[v] / "model.onnx").stat().st_size for v in ("int4", "int4-a8", "int8")}
+    assert size["int4"] < size["int4-a8"] < size["int8"]
+    q = json.loads((exports["int4-a8"] / "summary.json").read_text())["quantization"]
+    assert (q["mode"], q["bits"], q["a_bits"]) == ("int4-a8", 4, 8)
+    from swiftsvd_export.validation.artifacts import discover
+
+    assert [a.variant for a in discover([exports["int4-a8"]])] == ["int4+int8"]  # what the report prints
+
+
 # --- parity and KV cache ---------------------------------------------------------------------
 
 def test_fp32_parity_with_torch(exports, torch_model):
@@ -173,7 +192,7 @@ def test_fp32_parity_with_torch(exports, torch_model):
     assert r["passed"]
 
 
-@pytest.mark.parametrize("variant", ["fp16", "int8", "int4", "int8-dynamic"])
+@pytest.mark.parametrize("variant", ["fp16", "int8", "int4", "int4-a8", "int8-dynamic"])
 def test_lower_precision_figures(exports, torch_model, variant):
     model, tok = torch_model
     r = parity(model, exports[variant], prompt_ids(tok), gen_tokens=8, max_abs_logit=None)
@@ -298,7 +317,7 @@ def _export_args(src, out, **kw) -> argparse.Namespace:
 
 
 def test_unknown_quantization_mode(lowrank_dir, tmp_path):
-    with pytest.raises(SwiftSVDError, match="unknown quantization mode 'int3'.*none, int8, int4, int8-dynamic"):
+    with pytest.raises(SwiftSVDError, match="unknown quantization mode 'int3'.*none, int8, int4, int4-a8, int8-dynamic"):
         onnx_cli.run_export(_export_args(lowrank_dir, tmp_path / "o", quantize="int3"))
     with pytest.raises(SwiftSVDError, match="unknown precision"):
         onnx_cli.run_export(_export_args(lowrank_dir, tmp_path / "o", precision="int2"))

@@ -167,14 +167,15 @@ def _init_bytes(t) -> int:
 
 
 def onnx_variant(model) -> str:
-    """int4 / int8 from the quantized MatMul ops, else fp16 / fp32 from the initializer bytes."""
+    """int4 / int8 (int4+int8 when mixed) from the quantized MatMul ops, else fp16 / fp32 from the
+    initializer bytes."""
     import onnx
 
     ops = {n.op_type for n in model.graph.node}
-    for n in model.graph.node:
-        if n.op_type == "MatMulNBits":
-            bits = next((onnx.helper.get_attribute_value(a) for a in n.attribute if a.name == "bits"), 4)
-            return f"int{bits}"
+    bits = {next((onnx.helper.get_attribute_value(a) for a in n.attribute if a.name == "bits"), 4)
+            for n in model.graph.node if n.op_type == "MatMulNBits"}
+    if bits:
+        return "+".join(f"int{b}" for b in sorted(bits))
     if ops & _INT8_OPS:
         return "int8-dynamic"
     by = Counter()

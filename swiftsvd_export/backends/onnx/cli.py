@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 PRECISIONS = ("fp32", "fp16")
-QUANTIZE = ("none", "int8", "int4", "int8-dynamic")
+QUANTIZE = ("none", "int8", "int4", "int4-a8", "int8-dynamic")
 GRAPHS = ("traced", "optimum")  # who writes the decoder graph (export.export_onnx)
 KV_CACHE_LAYOUTS = ("dense", "latent-v", "latent-kv")  # checked again by export_onnx (latent_kv.LAYOUTS)
 
@@ -13,7 +13,8 @@ def add_export_arguments(group) -> None:
                        help="weight precision of the ONNX graph: fp32 (default) or fp16")
     group.add_argument("--quantize", default="none",
                        help="weight quantization: none (default), int8 or int4 (blockwise weight-only "
-                            "MatMulNBits), int8-dynamic (MatMulInteger, int8 activations too)")
+                            "MatMulNBits), int4-a8 (int4, but the A factors int8), int8-dynamic "
+                            "(MatMulInteger, int8 activations too)")
     group.add_argument("--block-size", type=int, default=None,
                        help="int8/int4 block size (power of two >= 16; default: the largest of "
                             "128/64/32/16 that divides the factor ranks)")

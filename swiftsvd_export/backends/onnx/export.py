@@ -30,7 +30,7 @@ from ...architectures import spec_for
 from ...errors import SwiftSVDError
 from ...latent_kv import LAYOUTS, check_layout, default_layout, kv_bytes_per_token
 from .cli import GRAPHS, PRECISIONS, QUANTIZE
-from .graph import PairReport, check_pairs, initializer_bytes, ort_optimized, shape_counts
+from .graph import PairReport, check_pairs, initializer_bytes, onnx_prefix, ort_optimized, shape_counts
 from .latent_export import METADATA_KEY, check_latent_pairs, export_traced_graph, write_layout
 from .quantize import check_block_size, quantize_int8_dynamic, quantize_nbits, save_model, to_fp16
 
@@ -50,8 +50,8 @@ def validate_options(precision: str, quantize: str, block_size: int | None, kv_c
         raise SwiftSVDError(f"unknown quantization mode {quantize!r}; choose one of {', '.join(QUANTIZE)}")
     if quantize != "none" and precision != "fp32":
         raise SwiftSVDError(f"--quantize {quantize} works on the fp32 graph; drop --precision {precision}")
-    if block_size is not None and quantize not in ("int8", "int4"):
-        raise SwiftSVDError("--block-size only applies to --quantize int8 or int4")
+    if block_size is not None and quantize not in ("int8", "int4", "int4-a8"):
+        raise SwiftSVDError("--block-size only applies to --quantize int8, int4 or int4-a8")
     check_block_size(block_size)
 
 
@@ -255,8 +255,10 @@ def export_onnx(model_dir: str | Path, output: str | Path, precision: str = "fp3
         del proto
         if quantize == "int8-dynamic":
             quant_info = quantize_int8_dynamic(raw, final)
-        elif quantize in ("int8", "int4"):
-            quant_info = quantize_nbits(raw, final, bits=int(quantize[3]), block_size=block_size)
+        elif quantize in ("int8", "int4", "int4-a8"):
+            quant_info = quantize_nbits(raw, final, bits=int(quantize[3]), block_size=block_size,
+                                        a_bits=8 if quantize == "int4-a8" else None,
+                                        a_prefixes=tuple(onnx_prefix(m) + "A/" for m in factors))
         elif precision == "fp16":
             save_model(to_fp16(onnx.load(str(raw))), final)
         else:

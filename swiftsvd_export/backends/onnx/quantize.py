@@ -84,10 +84,11 @@ def check_block_size(block_size: int | None) -> None:
 ACCURACY_LEVEL = {8: 1, 4: 4}
 
 
-def plan_int4(model: onnx.ModelProto, block_size: int | None) -> tuple[dict[int, list[str]], list[dict]]:
-    """Block size per MatMul: {block: [node names]}, plus the MatMuls left unquantized."""
+def plan_nbits(model: onnx.ModelProto, block_size: int | None, bits_of) -> tuple[dict[tuple[int, int], list[str]],
+                                                                                list[dict]]:
+    """(bits, block size) per MatMul: {(bits, block): [node names]}, plus the MatMuls left unquantized."""
     sizes = (block_size,) if block_size else INT4_BLOCK_SIZES
-    plan: dict[int, list[str]] = {}
+    plan: dict[tuple[int, int], list[str]] = {}
     skipped = []
     for w in matmul_weights(model):
         if w.op != "MatMul" or w.shape is None:
@@ -97,34 +98,40 @@ def plan_int4(model: onnx.ModelProto, block_size: int | None) -> tuple[dict[int,
         if bs is None:
             skipped.append({"node": w.node, "K": k, "N": w.shape[1]})
         else:
-            plan.setdefault(bs, []).append(w.node)
+            plan.setdefault((bits_of(w.node), bs), []).append(w.node)
     return plan, skipped
 
 
-def quantize_nbits(src: Path, dst: Path, bits: int, block_size: int | None = None) -> dict:
+def quantize_nbits(src: Path, dst: Path, bits: int, block_size: int | None = None, a_bits: int | None = None,
+                   a_prefixes: tuple[str, ...] = ()) -> dict:
+    """``bits``-bit MatMulNBits for every MatMul whose K a block size divides; with ``a_bits``, the A
+    factors (node names under ``a_prefixes``, ``<module>/A/``) get ``a_bits`` instead: A is the factor
+    whose rounding costs most (README, "Q4_0 factors")."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     check_block_size(block_size)
     model = onnx.load(str(src))
-    plan, skipped = plan_int4(model, block_size)
+    plan, skipped = plan_nbits(model, block_size,
+                               lambda node: a_bits if a_bits and node.startswith(a_prefixes) else bits)
+    mode = f"int{bits}" + (f"-a{a_bits}" if a_bits else "")
     if not plan:
-        raise SwiftSVDError(f"--quantize int{bits}: no MatMul has an input dimension that the block size "
+        raise SwiftSVDError(f"--quantize {mode}: no MatMul has an input dimension that the block size "
                             f"{block_size or INT4_BLOCK_SIZES} divides")
     all_matmuls = {n.name for n in model.graph.node if n.op_type == "MatMul"}
-    for bs, nodes in sorted(plan.items(), reverse=True):
+    for (b, bs), nodes in sorted(plan.items(), reverse=True):
         # nodes_to_include is OR'ed with the op type in onnxruntime, so exclude the others instead
         with _quiet():
-            q = MatMulNBitsQuantizer(model, bits=bits, block_size=bs, is_symmetric=True,
-                                     accuracy_level=ACCURACY_LEVEL[bits],
+            q = MatMulNBitsQuantizer(model, bits=b, block_size=bs, is_symmetric=True,
+                                     accuracy_level=ACCURACY_LEVEL[b],
                                      nodes_to_exclude=sorted(all_matmuls - set(nodes)))
             q.process()
         model = q.model.model
     save_model(model, dst)
     if skipped:
-        log.warning("int%d: %d MatMul(s) left in fp32 (no block size in %s divides K): %s", bits, len(skipped),
+        log.warning("%s: %d MatMul(s) left in fp32 (no block size in %s divides K): %s", mode, len(skipped),
                     (block_size,) if block_size else INT4_BLOCK_SIZES,
                     ", ".join(f"{s['node']} K={s['K']}" for s in skipped[:6]))
-    return {"mode": f"int{bits}", "op": "MatMulNBits", "bits": bits, "symmetric": True,
-            "accuracy_level": ACCURACY_LEVEL[bits],
-            "block_sizes": {str(bs): len(nodes) for bs, nodes in sorted(plan.items(), reverse=True)},
+    return {"mode": mode, "op": "MatMulNBits", "bits": bits, "a_bits": a_bits, "symmetric": True,
+            "accuracy_level": {f"int{b}": ACCURACY_LEVEL[b] for b in {bits, a_bits or bits}},
+            "block_sizes": {f"int{b}/{bs}": len(nodes) for (b, bs), nodes in sorted(plan.items(), reverse=True)},
             "left_fp32": skipped}
