@@ -70,6 +70,25 @@ def _reader(path):
     return r, {t.name: t for t in r.tensors}
 
 
+def test_quiet_export_keeps_gguf_py_quiet(tiny, tmp_path, caplog):
+    """quiet=True (the release pipeline's exports) keeps gguf-py's INFO lines out, the whole chat template
+    among them, and restores the logger afterwards."""
+    import logging
+
+    gguf_log = logging.getLogger("gguf")
+    old = gguf_log.level
+    gguf_log.setLevel(logging.NOTSET)  # as in a process where the CLI has not set it
+    try:
+        caplog.set_level(logging.INFO)
+        export_gguf(tiny[0], tmp_path / "q.gguf", quiet=True)
+        assert not [r for r in caplog.records if r.name.startswith("gguf")]
+        assert gguf_log.level == logging.NOTSET
+        export_gguf(tiny[0], tmp_path / "v.gguf")
+        assert [r for r in caplog.records if r.name.startswith("gguf")]  # not quiet: they are there
+    finally:
+        gguf_log.setLevel(old)
+
+
 def test_tensor_names_shapes_types(tiny, tmp_path):
     import gguf
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
@@ -183,6 +184,19 @@ def check_kv_cache(kv_cache: str, cfg: dict, ranks: dict[str, int], where: str) 
     return KV_LAYOUTS[kv_cache]
 
 
+@contextmanager
+def _gguf_py_logs(level: int | None):
+    """gguf-py logs each special token and the whole chat template at INFO: ``quiet`` keeps them out."""
+    log_ = logging.getLogger("gguf")
+    old = log_.level
+    if level is not None:
+        log_.setLevel(level)
+    try:
+        yield
+    finally:
+        log_.setLevel(old)
+
+
 def export_gguf(model_dir: str | Path, output: str | Path, factor_type: str = "f16",
                 embed_type: str = "f16", overwrite: bool = False, quiet: bool = False,
                 kv_cache: str | None = None,
@@ -245,7 +259,7 @@ def export_gguf(model_dir: str | Path, output: str | Path, factor_type: str = "f
             importance = importance()
 
     output = Path(output)
-    with atomic_file(output, overwrite) as tmp:
+    with atomic_file(output, overwrite) as tmp, _gguf_py_logs(logging.WARNING if quiet else None):
         writer = gguf.GGUFWriter(str(tmp), "llama")
         writer.add_name(cfg.get("_name_or_path") or cfg.get("_model_name_or_path") or folder.name)
         writer.add_block_count(n_layer)
