@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from swiftsvd_export.backends.gguf.importance import LATENT, measure
+from swiftsvd_export.channel_importance import LATENT, measure
 from swiftsvd_export.backends.gguf.writer import export_gguf
 from swiftsvd_export.cli import main
 from swiftsvd_export.lowrank import save_lowrank
@@ -71,7 +71,7 @@ def test_each_q4_0_tensor_is_weighted_by_its_own_input(tiny, calib_txt, tmp_path
     import gguf
     from safetensors.numpy import load_file
 
-    from swiftsvd_export.backends.gguf.importance import GGMLQuantizer
+    from swiftsvd_export.backends.gguf.ggml_quantize import GGMLQuantizer
     from swiftsvd_export.backends.gguf.runtime import patched_lib_dir
     from swiftsvd_export.backends.gguf.writer import permute_rows
 
@@ -169,3 +169,52 @@ def test_cli_importance_bad_input(tiny, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "already exists" in err and "importance (E[x" not in err
     assert out.read_bytes() == b"x"
+
+
+@pytest.mark.llamacpp
+def test_q4_0_blocks_repacked_for_onnxruntime_decode_the_same(tmp_path):
+    """ggml's Q4_0 blocks, repacked as MatMulNBits' symmetric 4-bit blocks of 32, give in onnxruntime
+    (fp32 compute) x @ W with W dequantized from the Q4_0 bytes by gguf-py: same numbers, nibble order
+    and scale layout right."""
+    import gguf
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from swiftsvd_export.backends.gguf.ggml_quantize import GGMLQuantizer
+    from swiftsvd_export.backends.gguf.runtime import patched_lib_dir
+    from swiftsvd_export.backends.onnx.quantize import q4_0_as_nbits
+
+    _need_build()
+    rng = np.random.default_rng(0)
+    k, n = 96, 40
+    W = rng.standard_normal((k, n)).astype(np.float32)  # the MatMul's weight: x (.., k) @ W (k, n)
+    imp = np.exp(rng.standard_normal(k)).astype(np.float32)
+    q4 = GGMLQuantizer(patched_lib_dir()).quantize(W.T, gguf.GGMLQuantizationType.Q4_0, imp)
+    packed, scales = q4_0_as_nbits(q4, n, k)
+    node = helper.make_node("MatMulNBits", ["x", "B", "scales"], ["y"], domain="com.microsoft",
+                            K=k, N=n, bits=4, block_size=32, accuracy_level=1)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, n])],
+                              [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales, "scales")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    y = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    W_q = gguf.quants.dequantize(q4, gguf.GGMLQuantizationType.Q4_0).reshape(n, k).T
+    assert not np.allclose(W_q, W, atol=1e-3)  # it is really 4-bit
+    np.testing.assert_allclose(y, x @ W_q, rtol=1e-4, atol=1e-4)
+
+
+def test_missing_build_says_how_to_do_without(monkeypatch):
+    """Without the llama.cpp build, weighted 4-bit export fails in one line naming both ways out."""
+    from swiftsvd_export.backends.gguf import ggml_quantize, runtime
+    from swiftsvd_export.errors import SwiftSVDError
+
+    def missing():
+        raise SwiftSVDError("the patched llama.cpp is not built (/x is missing): run `swiftsvd-export build-llamacpp`")
+
+    monkeypatch.setattr(runtime, "patched_lib_dir", missing)
+    with pytest.raises(SwiftSVDError, match=r"build-llamacpp.*--no-imatrix"):
+        ggml_quantize.GGMLQuantizer.from_build()

@@ -180,6 +180,27 @@ def test_int4_with_8_bit_a_factors(exports):
     assert [a.variant for a in discover([exports["int4-a8"]])] == ["int4+int8"]  # what the report prints
 
 
+@pytest.mark.llamacpp
+def test_int4_weighted_by_a_calibration_text(lowrank_dir, torch_model, exports, calib_txt, tmp_path):
+    """With a calibration text, every 4-bit MatMulNBits is ggml's importance-weighted Q4_0 of its weight
+    (blocks of 32, repacked; tests/test_gguf_importance.py checks the repacking), recorded in the
+    summary; the graph still matches torch. A block size other than Q4_0's is refused before any work."""
+    model, tok = torch_model
+    s = export_onnx(lowrank_dir, tmp_path / "q", quantize="int4-a8", imatrix_calib=calib_txt, imatrix_samples=2)
+    q = s["quantization"]
+    g = onnx.load(str(tmp_path / "q" / "model.onnx"), load_external_data=False)
+    four = [n for n in g.graph.node if n.op_type == "MatMulNBits"
+            and {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}["bits"] == 4]
+    assert q["importance_weighted_nodes"] == len(four) > 0  # every 4-bit node reads a block input
+    assert q["importance"].endswith(f"tokens of {calib_txt.name}")
+    assert json.loads((exports["int4-a8"] / "summary.json").read_text())["quantization"]["importance_weighted_nodes"] == 0
+    r = parity(model, tmp_path / "q", prompt_ids(tok), gen_tokens=8, max_abs_logit=None)
+    assert np.isfinite(r["kl_mean"]) and r["top1_agree"] > 0.5
+    with pytest.raises(SwiftSVDError, match="blocks of 32"):
+        export_onnx(lowrank_dir, tmp_path / "b", quantize="int4", block_size=64, imatrix_calib=calib_txt)
+    assert not (tmp_path / "b").exists()
+
+
 # --- parity and KV cache ---------------------------------------------------------------------
 
 def test_fp32_parity_with_torch(exports, torch_model):

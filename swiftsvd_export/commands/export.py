@@ -35,6 +35,14 @@ def add_parser(sub) -> None:
                         "traced), else dense. For onnx, "
                         "--kv-cache dense gives the graph optimum's ORTModelForCausalLM loads; a latent "
                         "graph runs with `generate --target onnx` (the project's own loop)")
+    p.add_argument("--imatrix-calib", default=None, metavar="FILE",
+                   help="4-bit weights (gguf q4_0, onnx int4 / int4-a8): text (.txt/.jsonl/.parquet) whose "
+                        "activations weight ggml's rounding, E[x^2] per input channel as llama-imatrix "
+                        "measures it (default: the shipped calibration set)")
+    p.add_argument("--imatrix-samples", type=int, default=16, metavar="N",
+                   help="sequences of 512 tokens for that importance pass (default 16)")
+    p.add_argument("--no-imatrix", action="store_true",
+                   help="4-bit weights rounded plainly (gguf-py's / onnxruntime's quantizer), no importance pass")
     for target in TARGETS:
         _backend_cli(target).add_export_arguments(p.add_argument_group(f"{target} options"))
     p.set_defaults(func=_run)

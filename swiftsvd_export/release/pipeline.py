@@ -85,21 +85,24 @@ def export_target(model_dir: Path, dest: Path, target: Target, calib: str | None
                   text_field: str = "text") -> dict:
     """Lower the compressed folder with the target profile's export options; the KV cache layout
     is the CLI's default for both formats (V-latent when v_proj is factorized in every layer)
-    unless the profile names one. Q4_0 GGUF factors are importance-weighted (unless the profile says
-    ``imatrix = false``) from ``calib``, the release's calibration text (default: the shipped set)."""
+    unless the profile names one. 4-bit weights (GGUF Q4_0, ONNX int4) are importance-weighted
+    (unless the profile says ``imatrix = false``) from ``calib``, the release's calibration text
+    (default: the shipped set)."""
+    from ..calibration import DEFAULT_CALIBRATION
+
     profile = target.profile
+    opts = dict(profile.export)
+    imatrix = (calib or DEFAULT_CALIBRATION) if opts.pop("imatrix", True) else None
     if profile.format == "onnx":
         from ..backends.onnx.export import export_onnx
 
-        return export_onnx(model_dir, dest, **{"kv_cache": None, **profile.export})
-    from ..backends.gguf.importance import measure
+        return export_onnx(model_dir, dest, **{"kv_cache": None, **opts}, imatrix_calib=imatrix, text_field=text_field)
     from ..backends.gguf.writer import export_gguf
-    from ..calibration import DEFAULT_CALIBRATION
+    from ..channel_importance import measure
 
-    opts = dict(profile.export)
     importance = None
-    if opts.pop("imatrix", True) and "q4_0" in (opts.get("factor_type"), opts.get("a_type")):
-        importance = partial(measure, model_dir, calib or DEFAULT_CALIBRATION, text_field=text_field)
+    if imatrix and "q4_0" in (opts.get("factor_type"), opts.get("a_type")):
+        importance = partial(measure, model_dir, imatrix, text_field=text_field)
     s = export_gguf(model_dir, dest, quiet=True, importance=importance, **opts)
     return {"format": "gguf", **profile.export, "size_bytes": s.size_bytes, "n_tensors": s.n_tensors,
             "n_lowrank": s.n_lowrank, "n_dense": s.n_dense, "fallbacks": s.fallbacks,

@@ -5,8 +5,8 @@ Profile file::
 
     description = "..."
     format = "onnx" | "gguf"
-    [export]          # onnx: precision, quantize, block_size, mobile; gguf: factor_type, a_type, embed_type,
-                      # imatrix (Q4_0 weighted by the release's calibration; default true);
+    [export]          # onnx: precision, quantize, block_size, mobile, imatrix; gguf: factor_type, a_type,
+                      # embed_type, imatrix (4-bit weights weighted by the release's calibration; default true);
                       # both: kv_cache (default: latent-v when v_proj is factorized everywhere, else dense)
     [requires]        # rank_multiple: compress ranks must be a multiple of it (quantization blocks)
 """
@@ -28,7 +28,7 @@ FORMATS = ("onnx", "gguf")
 PROFILE_SCHEMA = {"description": str, "format": FORMATS, "export": dict, "requires": dict}
 EXPORT_SCHEMA = {
     "onnx": {"precision": PRECISIONS, "quantize": QUANTIZE, "block_size": int, "mobile": bool, "kv_cache": KV_LAYOUTS,
-             "graph": ONNX_GRAPHS},
+             "graph": ONNX_GRAPHS, "imatrix": bool},
     "gguf": {"factor_type": FACTOR_TYPES, "a_type": FACTOR_TYPES, "embed_type": EMBED_TYPES, "kv_cache": KV_LAYOUTS,
              "imatrix": bool},
 }

@@ -15,13 +15,6 @@ def add_export_arguments(group) -> None:
                             "q4_0 keeps the more sensitive factor at 8 bits")
     group.add_argument("--embed-type", choices=EMBED_TYPES, default="f16",
                        help="GGUF type of the token embeddings / output head (default f16)")
-    group.add_argument("--imatrix-calib", default=None, metavar="FILE",
-                       help="q4_0: text (.txt/.jsonl/.parquet) whose activations weight the 4-bit rounding "
-                            "(E[x^2] per input channel, as llama-imatrix); default: the shipped calibration set")
-    group.add_argument("--imatrix-samples", type=int, default=16, metavar="N",
-                       help="q4_0: sequences of 512 tokens for the importance pass (default 16)")
-    group.add_argument("--no-imatrix", action="store_true",
-                       help="q4_0: plain round-to-nearest blocks (gguf-py's quantizer), no importance pass")
 
 
 def run_export(args) -> int:
@@ -35,7 +28,7 @@ def run_export(args) -> int:
         from functools import partial
 
         from ...calibration import DEFAULT_CALIBRATION
-        from .importance import measure
+        from ...channel_importance import measure
 
         # run by export_gguf once the inputs are checked
         importance = partial(measure, args.model_dir, args.imatrix_calib or DEFAULT_CALIBRATION,

@@ -65,7 +65,7 @@ def run(model_dir: Path, types: list[str], positions: int = 256, n_new: int = 64
 
     from ...lowrank import load
     from . import runtime
-    from .importance import measure
+    from ...channel_importance import measure
     from .writer import export_gguf
 
     model = load(model_dir, dtype=torch.float32)

@@ -23,7 +23,8 @@ from ...atomic import atomic_file, check_output
 from ...errors import SwiftSVDError
 from ...latent_kv import check_layout, default_layout
 from ...lowrank import FORMAT_VERSION, read_config
-from .importance import LATENT, GGMLQuantizer, Importance
+from ...channel_importance import LATENT, Importance
+from .ggml_quantize import GGMLQuantizer
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +206,7 @@ def export_gguf(model_dir: str | Path, output: str | Path, factor_type: str = "f
     """Write the GGUF; ``kv_cache`` None picks ``latent_kv.default_layout``; ``a_type`` (default
     ``factor_type``) is the type of the A factors, ``factor_type`` that of B and of dense block
     weights (A is the more sensitive factor: README, "Q4_0 factors"). With ``importance``
-    (``importance.measure``'s result, or a function returning it, called once the inputs are checked),
+    (``channel_importance.measure``'s result, or a function returning it, called once the inputs are checked),
     every Q4_0 block weight is quantized by ggml, its rounding weighted by its inputs' E[x²]."""
     import gguf
 
@@ -251,10 +252,8 @@ def export_gguf(model_dir: str | Path, output: str | Path, factor_type: str = "f
     F16 = qtypes["f16"]
     quantizer = None
     if importance is not None and qtypes["q4_0"] in (factor_q, a_q):
-        from .runtime import patched_lib_dir
-
         check_output(Path(output), overwrite)  # before the importance pass, not after it
-        quantizer = GGMLQuantizer(patched_lib_dir())
+        quantizer = GGMLQuantizer.from_build()
         if callable(importance):
             importance = importance()
 

@@ -35,7 +35,12 @@ def add_generate_arguments(group) -> None:
 def run_export(args) -> int:
     from .export import export_onnx
 
+    from ...calibration import DEFAULT_CALIBRATION
+
+    imatrix = None if getattr(args, "no_imatrix", False) else (getattr(args, "imatrix_calib", None)
+                                                               or DEFAULT_CALIBRATION)
     export_onnx(args.model_dir, args.output, precision=args.precision, quantize=args.quantize,
+                imatrix_calib=imatrix, imatrix_samples=getattr(args, "imatrix_samples", 16),
                 block_size=args.block_size, mobile=args.mobile, overwrite=args.overwrite,
                 kv_cache=getattr(args, "kv_cache", None),  # None: latent-v when v_proj is factorized everywhere
                 graph=getattr(args, "onnx_graph", None))

@@ -32,7 +32,8 @@ from ...latent_kv import LAYOUTS, check_layout, default_layout, kv_bytes_per_tok
 from .cli import GRAPHS, PRECISIONS, QUANTIZE
 from .graph import PairReport, check_pairs, initializer_bytes, onnx_prefix, ort_optimized, shape_counts
 from .latent_export import METADATA_KEY, check_latent_pairs, export_traced_graph, write_layout
-from .quantize import check_block_size, quantize_int8_dynamic, quantize_nbits, save_model, to_fp16
+from .quantize import (check_block_size, quantize_int8_dynamic, quantize_nbits, save_model, to_fp16,
+                       weighted_q4_quantizer)
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +195,8 @@ def _files_size(folder: Path, names) -> int:
 def export_onnx(model_dir: str | Path, output: str | Path, precision: str = "fp32", quantize: str = "none",
                 block_size: int | None = None, mobile: bool = False, overwrite: bool = False,
                 opset: int | None = None, model=None, tokenizer=None, kv_cache: str | None = "dense",
-                graph: str | None = None) -> dict:
+                graph: str | None = None, imatrix_calib: str | Path | None = None, imatrix_samples: int = 16,
+                text_field: str = "text") -> dict:
     """Export ``model_dir`` to the folder ``output``; returns the summary written to summary.json.
 
     ``kv_cache`` picks the cache layout (``latent_kv.LAYOUTS``); a latent layout on a model whose
@@ -207,6 +209,8 @@ def export_onnx(model_dir: str | Path, output: str | Path, precision: str = "fp3
 
     ``model``/``tokenizer`` may be passed to skip loading (tests, benchmarks); ``model_dir`` is
     then only recorded.
+    ``imatrix_calib``: with int4 / int4-a8, a calibration text whose E[x²] per input channel weights
+    the 4-bit rounding (``quantize.weight_q4_nodes``).
     """
     import onnx
 
@@ -221,6 +225,12 @@ def export_onnx(model_dir: str | Path, output: str | Path, precision: str = "fp3
         model, tokenizer, _folder = load_model(str(src))
     model = model.float().eval()
     factors = factor_shapes(model)
+    importance = quantizer = None
+    if imatrix_calib is not None and quantize in ("int4", "int4-a8"):
+        from ...channel_importance import measure_model
+
+        quantizer = weighted_q4_quantizer(block_size)
+        importance = measure_model(model, tokenizer, imatrix_calib, imatrix_samples, text_field=text_field)
     config = model.config
     ranks = {n: k for n, (_, _, k) in factors.items()}
     if kv_cache is None:
@@ -258,7 +268,8 @@ def export_onnx(model_dir: str | Path, output: str | Path, precision: str = "fp3
         elif quantize in ("int8", "int4", "int4-a8"):
             quant_info = quantize_nbits(raw, final, bits=int(quantize[3]), block_size=block_size,
                                         a_bits=8 if quantize == "int4-a8" else None,
-                                        a_prefixes=tuple(onnx_prefix(m) + "A/" for m in factors))
+                                        a_prefixes=tuple(onnx_prefix(m) + "A/" for m in factors),
+                                        importance=importance, quantizer=quantizer)
         elif precision == "fp16":
             save_model(to_fp16(onnx.load(str(raw))), final)
         else:

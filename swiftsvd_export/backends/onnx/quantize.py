@@ -6,7 +6,9 @@
   one scale per block of K along each output column; weight-only). MatMulNBits' block size
   must divide K (the input dimension of each MatMul; for a B factor that is the rank), so each
   MatMul gets the largest block size from the allowed list that divides its K; MatMuls whose K
-  no allowed size divides stay fp32 and are listed in the summary.
+  no allowed size divides stay fp32 and are listed in the summary. With an importance vector
+  (``channel_importance``), 4-bit weights take blocks of 32 and ggml's weighted Q4_0 rounding,
+  repacked into MatMulNBits (``q4_0_as_nbits``: the two formats encode the same numbers).
 - int8-dynamic: ``quantize_dynamic`` -> ``MatMulInteger`` (weights int8 per tensor, activations
   uint8 per tensor, per call). On SmolLM2 it loses most of the top-1 agreement (per-tensor
   activation scales cannot hold the outlier channels of the hidden states nor the decaying
@@ -19,10 +21,13 @@ import contextlib
 import logging
 from pathlib import Path
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 
+from ...channel_importance import LATENT, Importance
 from ...errors import SwiftSVDError
-from .graph import matmul_weights
+from .graph import matmul_weights, onnx_prefix
 
 log = logging.getLogger(__name__)
 
@@ -84,35 +89,110 @@ def check_block_size(block_size: int | None) -> None:
 ACCURACY_LEVEL = {8: 1, 4: 4}
 
 
-def plan_nbits(model: onnx.ModelProto, block_size: int | None, bits_of) -> tuple[dict[tuple[int, int], list[str]],
-                                                                                list[dict]]:
-    """(bits, block size) per MatMul: {(bits, block): [node names]}, plus the MatMuls left unquantized."""
-    sizes = (block_size,) if block_size else INT4_BLOCK_SIZES
+def plan_nbits(model: onnx.ModelProto, block_size: int | None, bits_of,
+               block_of_bits: dict[int, int] | None = None) -> tuple[dict[tuple[int, int], list[str]], list[dict]]:
+    """(bits, block size) per MatMul: {(bits, block): [node names]}, plus the MatMuls left unquantized.
+    ``block_of_bits`` fixes the block for a bit width (importance-weighted 4-bit: 32)."""
     plan: dict[tuple[int, int], list[str]] = {}
     skipped = []
     for w in matmul_weights(model):
         if w.op != "MatMul" or w.shape is None:
             continue
-        k = w.shape[0]
-        bs = next((b for b in sizes if k % b == 0), None)
+        k, b = w.shape[0], bits_of(w.node)
+        fixed = (block_of_bits or {}).get(b)
+        sizes = (fixed,) if fixed else (block_size,) if block_size else INT4_BLOCK_SIZES
+        bs = next((x for x in sizes if k % x == 0), None)
         if bs is None:
             skipped.append({"node": w.node, "K": k, "N": w.shape[1]})
         else:
-            plan.setdefault((bits_of(w.node), bs), []).append(w.node)
+            plan.setdefault((b, bs), []).append(w.node)
     return plan, skipped
 
 
+def q4_0_as_nbits(q4: np.ndarray, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """ggml Q4_0 rows (``n`` rows of ``k``; 18-byte blocks: fp16 scale, then qs[j] = q[j] | q[j+16] << 4)
+    as MatMulNBits' symmetric 4-bit blocks of 32: packed [n, k/32, 16] (element 2i in the low nibble)
+    and scales [n, k/32]. Both decode to (q - 8)·scale, so the numbers are the same."""
+    blocks = np.ascontiguousarray(q4).reshape(n, k // 32, 18)
+    scales = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+    qs = blocks[..., 2:]
+    q = np.concatenate([qs & 0xF, qs >> 4], axis=-1)
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8), scales
+
+
+def importance_key(node: str, modules) -> str | None:
+    """The ``channel_importance`` key of a MatMul node's input: a factor's A reads the module's input,
+    its B the latent, a dense linear (``<module>/MatMul``) the module's input."""
+    for m in modules:
+        p = onnx_prefix(m)
+        if node.startswith(p + "A/") or node == p + "MatMul":
+            return m
+        if node.startswith(p + "B/"):
+            return m + LATENT
+    return None
+
+
+def weight_q4_nodes(model: onnx.ModelProto, raw: dict[str, np.ndarray], importance: Importance,
+                    quantizer) -> int:
+    """Re-quantize every 4-bit, 32-block MatMulNBits whose input has an importance vector with ggml's
+    weighted Q4_0 (``llama-quantize --imatrix``'s rounding), in place; returns how many."""
+    import gguf
+
+    inits = {i.name: i for i in model.graph.initializer}
+    modules = sorted({key.removesuffix(LATENT) for key in importance.vectors}, key=len, reverse=True)
+    done = 0
+    for node in model.graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type != "MatMulNBits" or attrs.get("bits") != 4 or attrs.get("block_size") != 32:
+            continue
+        key = importance_key(node.name.removesuffix("_Q4"), modules)
+        weight = raw.get(node.input[1].removesuffix("_Q4"))
+        if key is None or weight is None or key not in importance.vectors:
+            continue
+        k, n = weight.shape  # MatMul's W: x (.., K) @ W (K, N); its rows for ggml are W's columns
+        q4 = quantizer.quantize(weight.T, gguf.GGMLQuantizationType.Q4_0, importance.vectors[key])
+        packed, scales = q4_0_as_nbits(q4, n, k)
+        for name, arr in ((node.input[1], packed), (node.input[2], scales)):
+            old = inits[name]
+            assert tuple(old.dims) == arr.shape, (name, tuple(old.dims), arr.shape)
+            old.CopyFrom(numpy_helper.from_array(arr, name))
+        done += 1
+    return done
+
+
+def weighted_q4_quantizer(block_size: int | None):
+    """ggml's quantizer for importance-weighted 4-bit weights, checked before any work is done: it
+    rounds blocks of 32 (Q4_0) and comes from the llama.cpp build."""
+    from ..gguf.ggml_quantize import GGMLQuantizer
+
+    check_block_size(block_size)
+    if block_size not in (None, 32):
+        raise SwiftSVDError(f"importance-weighted int4 uses blocks of 32 (ggml's Q4_0); drop --block-size "
+                            f"{block_size} or pass --no-imatrix")
+    return GGMLQuantizer.from_build()
+
+
 def quantize_nbits(src: Path, dst: Path, bits: int, block_size: int | None = None, a_bits: int | None = None,
-                   a_prefixes: tuple[str, ...] = ()) -> dict:
+                   a_prefixes: tuple[str, ...] = (), importance: Importance | None = None, quantizer=None) -> dict:
     """``bits``-bit MatMulNBits for every MatMul whose K a block size divides; with ``a_bits``, the A
     factors (node names under ``a_prefixes``, ``<module>/A/``) get ``a_bits`` instead: A is the factor
-    whose rounding costs most (README, "Q4_0 factors")."""
+    whose rounding costs most (README, "Q4_0 factors"). With ``importance`` and ``quantizer``
+    (``weighted_q4_quantizer``), 4-bit weights use blocks of 32 and are rounded by ggml, weighted by
+    their inputs' E[x²] (``weight_q4_nodes``)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     check_block_size(block_size)
+    if importance is None or 4 not in (bits, a_bits):
+        quantizer = None
     model = onnx.load(str(src))
+    raw = {}  # the fp32 weights, for ggml to round (the MatMulNBits quantizer replaces them)
+    if quantizer is not None:
+        inits = {i.name: i for i in model.graph.initializer}
+        raw = {w.initializer: numpy_helper.to_array(inits[w.initializer])
+               for w in matmul_weights(model) if w.op == "MatMul" and w.initializer in inits}
     plan, skipped = plan_nbits(model, block_size,
-                               lambda node: a_bits if a_bits and node.startswith(a_prefixes) else bits)
+                               lambda node: a_bits if a_bits and node.startswith(a_prefixes) else bits,
+                               block_of_bits={4: 32} if quantizer is not None else None)
     mode = f"int{bits}" + (f"-a{a_bits}" if a_bits else "")
     if not plan:
         raise SwiftSVDError(f"--quantize {mode}: no MatMul has an input dimension that the block size "
@@ -126,6 +206,7 @@ def quantize_nbits(src: Path, dst: Path, bits: int, block_size: int | None = Non
                                      nodes_to_exclude=sorted(all_matmuls - set(nodes)))
             q.process()
         model = q.model.model
+    weighted = weight_q4_nodes(model, raw, importance, quantizer) if quantizer is not None else 0
     save_model(model, dst)
     if skipped:
         log.warning("%s: %d MatMul(s) left in fp32 (no block size in %s divides K): %s", mode, len(skipped),
@@ -134,4 +215,6 @@ def quantize_nbits(src: Path, dst: Path, bits: int, block_size: int | None = Non
     return {"mode": mode, "op": "MatMulNBits", "bits": bits, "a_bits": a_bits, "symmetric": True,
             "accuracy_level": {f"int{b}": ACCURACY_LEVEL[b] for b in {bits, a_bits or bits}},
             "block_sizes": {f"int{b}/{bs}": len(nodes) for (b, bs), nodes in sorted(plan.items(), reverse=True)},
-            "left_fp32": skipped}
+            "left_fp32": skipped, "importance_weighted_nodes": weighted,
+            "importance": (f"E[x²] from {importance.chunks} x {importance.tokens // max(importance.chunks, 1)} tokens "
+                           f"of {importance.dataset}") if weighted else None}
