@@ -33,6 +33,9 @@ class Importance:
     chunks: int
     tokens: int = 0
 
+    def describe(self) -> str:
+        return f"E[x²] from {self.chunks} x {self.tokens // max(self.chunks, 1)} tokens of {self.dataset}"
+
     def for_linear(self, module: str, part: str = "") -> np.ndarray:
         """The vector of ``module``'s input (``part`` "") or its latent (``part`` LATENT)."""
         key = module + part

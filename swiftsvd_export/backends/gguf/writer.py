@@ -346,8 +346,7 @@ def export_gguf(model_dir: str | Path, output: str | Path, factor_type: str = "f
         writer.close()
     summary.size_bytes = output.stat().st_size
     if summary.n_weighted:
-        summary.importance = f"E[x²] from {importance.chunks} x {importance.tokens // max(importance.chunks, 1)} " \
-                             f"tokens of {importance.dataset}"
+        summary.importance = importance.describe()
     if not quiet:
         for line in summary.lines():
             print(line)

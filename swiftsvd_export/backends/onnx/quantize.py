@@ -154,7 +154,9 @@ def weight_q4_nodes(model: onnx.ModelProto, raw: dict[str, np.ndarray], importan
         packed, scales = q4_0_as_nbits(q4, n, k)
         for name, arr in ((node.input[1], packed), (node.input[2], scales)):
             old = inits[name]
-            assert tuple(old.dims) == arr.shape, (name, tuple(old.dims), arr.shape)
+            if tuple(old.dims) != arr.shape:  # onnxruntime's MatMulNBits layout is not the one this repacks to
+                raise SwiftSVDError(f"{node.name}: MatMulNBits initializer {name} has shape {tuple(old.dims)}, "
+                                    f"expected {arr.shape}; export with --no-imatrix")
             old.CopyFrom(numpy_helper.from_array(arr, name))
         done += 1
     return done
@@ -216,5 +218,4 @@ def quantize_nbits(src: Path, dst: Path, bits: int, block_size: int | None = Non
             "accuracy_level": {f"int{b}": ACCURACY_LEVEL[b] for b in {bits, a_bits or bits}},
             "block_sizes": {f"int{b}/{bs}": len(nodes) for (b, bs), nodes in sorted(plan.items(), reverse=True)},
             "left_fp32": skipped, "importance_weighted_nodes": weighted,
-            "importance": (f"E[x²] from {importance.chunks} x {importance.tokens // max(importance.chunks, 1)} tokens "
-                           f"of {importance.dataset}") if weighted else None}
+            "importance": importance.describe() if weighted else None}
