@@ -45,6 +45,14 @@ class Importance:
         return self.vectors[key]
 
 
+def calibration_text(text: str | Path | None, weighted: bool = True) -> str | Path | None:
+    """The text of the importance pass: ``text``, else the shipped calibration set; None when 4-bit
+    weights are to be rounded plainly (``--no-imatrix``, a profile's ``imatrix = false``)."""
+    from .calibration import DEFAULT_CALIBRATION
+
+    return (text or DEFAULT_CALIBRATION) if weighted else None
+
+
 def measure(model_dir: str | Path, calib: str | Path, nsamples: int = 16, seqlen: int = 512,
             seed: int = 0, progress: bool = True, text_field: str = "text") -> Importance:
     """``measure_model`` of a model folder (compressed or dense)."""

@@ -88,11 +88,11 @@ def export_target(model_dir: Path, dest: Path, target: Target, calib: str | None
     unless the profile names one. 4-bit weights (GGUF Q4_0, ONNX int4) are importance-weighted
     (unless the profile says ``imatrix = false``) from ``calib``, the release's calibration text
     (default: the shipped set)."""
-    from ..calibration import DEFAULT_CALIBRATION
+    from ..channel_importance import calibration_text
 
     profile = target.profile
     opts = dict(profile.export)
-    imatrix = (calib or DEFAULT_CALIBRATION) if opts.pop("imatrix", True) else None
+    imatrix = calibration_text(calib, opts.pop("imatrix", True))
     if profile.format == "onnx":
         from ..backends.onnx.export import export_onnx
 
@@ -100,9 +100,8 @@ def export_target(model_dir: Path, dest: Path, target: Target, calib: str | None
     from ..backends.gguf.writer import export_gguf
     from ..channel_importance import measure
 
-    importance = None
-    if imatrix and "q4_0" in (opts.get("factor_type"), opts.get("a_type")):
-        importance = partial(measure, model_dir, imatrix, text_field=text_field)
+    # export_gguf runs it only for Q4_0 tensors
+    importance = partial(measure, model_dir, imatrix, text_field=text_field) if imatrix else None
     s = export_gguf(model_dir, dest, quiet=True, importance=importance, **opts)
     return {"format": "gguf", **profile.export, "size_bytes": s.size_bytes, "n_tensors": s.n_tensors,
             "n_lowrank": s.n_lowrank, "n_dense": s.n_dense, "fallbacks": s.fallbacks,

@@ -23,16 +23,13 @@ def run_export(args) -> int:
     import logging
 
     logging.getLogger("gguf").setLevel(logging.WARNING)
-    importance = None
-    if "q4_0" in (args.factor_type, args.a_type) and not args.no_imatrix:
-        from functools import partial
+    from functools import partial
 
-        from ...calibration import DEFAULT_CALIBRATION
-        from ...channel_importance import measure
+    from ...channel_importance import calibration_text, measure
 
-        # run by export_gguf once the inputs are checked
-        importance = partial(measure, args.model_dir, args.imatrix_calib or DEFAULT_CALIBRATION,
-                             args.imatrix_samples, 512)
+    text = calibration_text(args.imatrix_calib, not args.no_imatrix)
+    # export_gguf runs it only for Q4_0 tensors, once the inputs are checked
+    importance = partial(measure, args.model_dir, text, args.imatrix_samples, 512) if text else None
     export_gguf(args.model_dir, args.output, factor_type=args.factor_type,
                 embed_type=args.embed_type, overwrite=args.overwrite, kv_cache=args.kv_cache,
                 importance=importance, a_type=args.a_type)

@@ -126,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--a-type", default=None, help="type of the A factors (default: each --types entry)")
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args(argv)
-    from ...calibration import DEFAULT_CALIBRATION
+    from ...channel_importance import calibration_text
 
-    calib = None if a.no_imatrix else (a.imatrix_calib or DEFAULT_CALIBRATION)
+    calib = calibration_text(a.imatrix_calib, not a.no_imatrix)
     res = run(a.model_dir, a.types, a.positions, a.new_tokens, a.ppl_chunks, a.ppl_ctx, a.threads, a.embed_type,
               calib, a_type=a.a_type)
     print(f"torch ppl {res['torch_ppl']:.4f} over {res['ppl_tokens']} tokens")

@@ -35,10 +35,9 @@ def add_generate_arguments(group) -> None:
 def run_export(args) -> int:
     from .export import export_onnx
 
-    from ...calibration import DEFAULT_CALIBRATION
+    from ...channel_importance import calibration_text
 
-    imatrix = None if getattr(args, "no_imatrix", False) else (getattr(args, "imatrix_calib", None)
-                                                               or DEFAULT_CALIBRATION)
+    imatrix = calibration_text(getattr(args, "imatrix_calib", None), not getattr(args, "no_imatrix", False))
     export_onnx(args.model_dir, args.output, precision=args.precision, quantize=args.quantize,
                 imatrix_calib=imatrix, imatrix_samples=getattr(args, "imatrix_samples", 16),
                 block_size=args.block_size, mobile=args.mobile, overwrite=args.overwrite,

@@ -120,11 +120,11 @@ def q4_0_as_nbits(q4: np.ndarray, n: int, k: int) -> tuple[np.ndarray, np.ndarra
     return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8), scales
 
 
-def importance_key(node: str, modules) -> str | None:
-    """The ``channel_importance`` key of a MatMul node's input: a factor's A reads the module's input,
-    its B the latent, a dense linear (``<module>/MatMul``) the module's input."""
-    for m in modules:
-        p = onnx_prefix(m)
+def importance_key(node: str, prefixes: dict[str, str]) -> str | None:
+    """The ``channel_importance`` key of a MatMul node's input (``prefixes``: node-name prefix -> module):
+    a factor's A reads the module's input, its B the latent, a dense linear (``<module>/MatMul``) the
+    module's input."""
+    for p, m in prefixes.items():
         if node.startswith(p + "A/") or node == p + "MatMul":
             return m
         if node.startswith(p + "B/"):
@@ -139,13 +139,13 @@ def weight_q4_nodes(model: onnx.ModelProto, raw: dict[str, np.ndarray], importan
     import gguf
 
     inits = {i.name: i for i in model.graph.initializer}
-    modules = sorted({key.removesuffix(LATENT) for key in importance.vectors}, key=len, reverse=True)
+    prefixes = {onnx_prefix(m): m for m in {key.removesuffix(LATENT) for key in importance.vectors}}
     done = 0
     for node in model.graph.node:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         if node.op_type != "MatMulNBits" or attrs.get("bits") != 4 or attrs.get("block_size") != 32:
             continue
-        key = importance_key(node.name.removesuffix("_Q4"), modules)
+        key = importance_key(node.name.removesuffix("_Q4"), prefixes)
         weight = raw.get(node.input[1].removesuffix("_Q4"))
         if key is None or weight is None or key not in importance.vectors:
             continue
