@@ -18,7 +18,10 @@ barriers, so ``passive`` puts a thread to sleep and wakes it at every node (~2 p
 spins. The table also gives the bytes each decoded token reads and the speedup
 those bytes predict: all weight tensors (the tied embedding counts once, as the output head) plus,
 at context c, the F16 K/V cache rows of the c cached positions that attention reads (the same for
-dense and compressed models, so it lowers the predicted speedup at long contexts).
+dense and compressed models, so it lowers the predicted speedup at long contexts). ``--flash-attn on``
+adds rows with llama.cpp's fused attention. Last comes a fit per cell of ms per token = bytes /
+bandwidth + fixed (``benchlib.fit_fixed_cost``): the part of a token its bytes do not explain, against
+the largest fixed cost at which the most compressed model could still meet 0.9 × predicted.
 """
 from __future__ import annotations
 
@@ -31,17 +34,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchlib import run_json_child  # noqa: E402
+from benchlib import fits_of_results, fits_table, run_json_child  # noqa: E402
 from swiftsvd_export.memory import peak_rss_mib  # noqa: E402
 
 
-def child_rss(gguf: str, threads: int, n_decode: int, prefill: int, contexts: list[int]) -> dict:
+def child_rss(gguf: str, threads: int, n_decode: int, prefill: int, contexts: list[int],
+              flash_attn: bool = False) -> dict:
     """Peak RSS of one model doing the benchmark's work (its own process: VmHWM is per process)."""
     import numpy as np
 
     from swiftsvd_export.backends.gguf import runtime
 
-    llm = runtime.open_model(gguf, n_ctx=max(contexts) + n_decode + 8, n_threads=threads, n_batch=512)
+    llm = runtime.open_model(gguf, n_ctx=max(contexts) + n_decode + 8, n_threads=threads, n_batch=512,
+                             flash_attn=flash_attn)
     toks = [int(x) for x in np.random.default_rng(0).integers(100, min(llm.n_vocab(), 40000), size=max(contexts) + 8)]
     llm.eval(toks[:max(contexts)])
     for t in toks[max(contexts):]:
@@ -50,14 +55,15 @@ def child_rss(gguf: str, threads: int, n_decode: int, prefill: int, contexts: li
 
 
 def child_speed(ggufs: list[str], threads: int, n_decode: int, prefill: int, contexts: list[int],
-                repeats: int) -> list[dict]:
+                repeats: int, flash_attn: bool = False) -> list[dict]:
     """Prefill and decode speeds of several models, interleaved (same load for all), from llama.cpp's timings."""
     import numpy as np
 
     from swiftsvd_export.backends.gguf import runtime
 
     n_ctx = max(contexts) + n_decode + 8
-    llms = [runtime.open_model(g, n_ctx=n_ctx, n_threads=threads, n_batch=512) for g in ggufs]
+    llms = [runtime.open_model(g, n_ctx=n_ctx, n_threads=threads, n_batch=512, flash_attn=flash_attn)
+            for g in ggufs]
     vocab = min(llm.n_vocab() for llm in llms)
     toks = [int(x) for x in np.random.default_rng(0).integers(100, min(vocab, 40000), size=max(contexts) + n_decode)]
     out: list[dict] = [{} for _ in llms]
@@ -164,14 +170,19 @@ def main() -> int:
     ap.add_argument("--wait", nargs="+", choices=["default", "active", "passive"], default=["active", "passive"],
                     help="OMP_WAIT_POLICY for multi-threaded runs, each a set of rows (default: active and "
                          "passive; 'default' leaves it unset, as users run; 1 thread has no barriers and runs once)")
+    ap.add_argument("--flash-attn", nargs="+", choices=["off", "on"], default=["off"],
+                    help="llama.cpp's flash attention, each a set of rows (default: off; 'on' runs ggml-cpu's "
+                         "fused attention, which splits one token's attention over the cached positions)")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--child-rss", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         if a.child_rss:
-            print(json.dumps(child_rss(a.child[0], a.threads[0], a.decode, a.prefill, a.contexts)))
+            print(json.dumps(child_rss(a.child[0], a.threads[0], a.decode, a.prefill, a.contexts,
+                                       a.flash_attn == ["on"])))
         else:
-            print(json.dumps(child_speed(a.child, a.threads[0], a.decode, a.prefill, a.contexts, a.repeats)))
+            print(json.dumps(child_speed(a.child, a.threads[0], a.decode, a.prefill, a.contexts, a.repeats,
+                                         a.flash_attn == ["on"])))
         return 0
 
     import logging
@@ -208,20 +219,26 @@ def main() -> int:
             paths[label] = path
         rss = {label: run_child(["--child", str(p), "--child-rss", "--threads", "1", *common], "passive")
                for label, p in paths.items()}
-        for th in a.threads:
-            for wait in (["passive"] if th == 1 else a.wait):
-                res = run_child(["--child", *map(str, paths.values()), "--threads", str(th), *common], wait)
-                for (label, path), r in zip(paths.items(), res):
-                    nbytes, kv_per_position = tensor_bytes(path)
-                    r.update(model=label, source=str(path), type=t, threads=th,
-                             omp_wait_policy=wait if th > 1 else "-", file_mib=path.stat().st_size / 2**20,
-                             bytes_per_token=nbytes, kv_bytes_per_position=kv_per_position, **rss[label])
-                    rows.append(r)
-                    print(f"  {label:6} {t:5} {th}t {r['omp_wait_policy']:7}: " + ", ".join(
-                        f"{k}={v:.1f}" for k, v in r.items() if isinstance(v, float)), flush=True)
-    dense = {(r["type"], r["threads"], r["omp_wait_policy"]): r for r in rows if r["model"] == "dense"}
+        for fa in a.flash_attn:
+            for th in a.threads:
+                for wait in (["passive"] if th == 1 else a.wait):
+                    res = run_child(["--child", *map(str, paths.values()), "--threads", str(th),
+                                     "--flash-attn", fa, *common], wait)
+                    for (label, path), r in zip(paths.items(), res):
+                        nbytes, kv_per_position = tensor_bytes(path)
+                        r.update(model=label, source=str(path), type=t, threads=th, flash_attn=fa,
+                                 omp_wait_policy=wait if th > 1 else "-", file_mib=path.stat().st_size / 2**20,
+                                 bytes_per_token=nbytes, kv_bytes_per_position=kv_per_position, **rss[label])
+                        rows.append(r)
+                        print(f"  {label:6} {t:5} {th}t {r['omp_wait_policy']:7} fa={fa}: " + ", ".join(
+                            f"{k}={v:.1f}" for k, v in r.items() if isinstance(v, float)), flush=True)
+
+    def cell(r: dict) -> tuple:
+        return r["type"], r["threads"], r["omp_wait_policy"], r["flash_attn"]
+
+    dense = {cell(r): r for r in rows if r["model"] == "dense"}
     for r in rows:
-        d = dense.get((r["type"], r["threads"], r["omp_wait_policy"]))
+        d = dense.get(cell(r))
         if d:
             r["expected_speedup"] = d["bytes_per_token"] / r["bytes_per_token"]
             for ctx in a.contexts:
@@ -230,7 +247,7 @@ def main() -> int:
                 r[f"expected_speedup@{ctx}"] = expected
                 r[f"speedup@{ctx}"] = r[f"decode_tok_s@{ctx}"] / d[f"decode_tok_s@{ctx}"]
                 r[f"meets_0.9x_target@{ctx}"] = r[f"speedup@{ctx}"] >= 0.9 * expected
-    hdr = ("| model | type | threads | wait | file MiB | prefill tok/s | " +
+    hdr = ("| model | type | threads | wait | flash attn | file MiB | prefill tok/s | " +
            " | ".join(f"decode tok/s @{c}" for c in a.contexts) +
            " | peak RSS MiB | predicted speedup @" + " / @".join(map(str, a.contexts)) +
            " | speedup @" + " / @".join(map(str, a.contexts)) + " | ≥ 0.9 × predicted |")
@@ -239,7 +256,7 @@ def main() -> int:
         sp = " / ".join(f"{r.get(f'speedup@{c}', float('nan')):.2f}" for c in a.contexts)
         ex = " / ".join(f"{r.get(f'expected_speedup@{c}', float('nan')):.2f}" for c in a.contexts)
         met = " / ".join("yes" if r.get(f"meets_0.9x_target@{c}") else "no" for c in a.contexts)
-        lines.append(f"| {r['model']} | {r['type']} | {r['threads']} | {r['omp_wait_policy']} | {r['file_mib']:.1f} | "
+        lines.append(f"| {r['model']} | {r['type']} | {r['threads']} | {r['omp_wait_policy']} | {r['flash_attn']} | {r['file_mib']:.1f} | "
                      f"{r['prefill_tok_s']:.0f} | " +
                      " | ".join(f"{r[f'decode_tok_s@{c}']:.1f}" for c in a.contexts) +
                      f" | {r['peak_rss_mib']:.0f} | {ex} | {sp} | {'—' if r['model'] == 'dense' else met} |")
@@ -247,6 +264,9 @@ def main() -> int:
     a.json.write_text(json.dumps({"cpu_count": os.cpu_count(), "loadavg_at_end": os.getloadavg(),
                                   "decode_tokens": a.decode, "prefill_repeats": a.repeats,
                                   "rows": rows, "table": lines}, indent=2) + "\n")
+    print("\nms per token = bytes / bandwidth + fixed, fitted over the models of each cell "
+          "(python tools/benchlib.py fit JSON):")
+    print("\n".join(fits_table(fits_of_results(a.json))))
     print(f"wrote {a.json}")
     return 0
 

@@ -42,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchlib import run_json_child  # noqa: E402
+from benchlib import fits_of_results, fits_table, run_json_child  # noqa: E402
 from swiftsvd_export.memory import peak_rss_mib  # noqa: E402
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -266,6 +266,9 @@ def main() -> int:
             "compressed_source": given or "truncated SVD in tools/bench_onnx.py"}
     Path(a.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     print(f"wrote {a.out}", file=sys.stderr)
+    print("ms per token = bytes / bandwidth + fixed, fitted over the models of each thread count "
+          "(python tools/benchlib.py fit JSON):")
+    print("\n".join(fits_table(fits_of_results(a.out))))
     return 0
 
 
