@@ -1,4 +1,5 @@
 """The ``swiftsvd-export`` command line: one subcommand per module in ``commands/``."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,9 +9,13 @@ import sys
 
 from .errors import SwiftSVDError
 
+DESCRIPTION = ("Training-free low-rank compression of LLMs (Swift-SVD), lowered to llama.cpp (GGUF) and "
+               "onnxruntime (ONNX), validated and gated for release.")
+
 COMMANDS = ("compress", "ppl", "calib_gen", "export", "generate", "build_llamacpp", "validate", "release", "run")
 
 EPILOG = """examples:
+  swiftsvd-export run                      # the default model, compressed, exported, validated, gated
   swiftsvd-export compress smollm2-135m out/smol-0.4 --ratio 0.4
   swiftsvd-export ppl out/smol-0.4 --text ../shared/data/wikitext2/wikitext-2-raw-v1.test.nnjoin.txt
   swiftsvd-export export --target onnx out/smol-0.4 out/smol-0.4-onnx
@@ -20,7 +25,7 @@ EPILOG = """examples:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="swiftsvd-export", description=__doc__.splitlines()[0] if __doc__ else None,
+        prog="swiftsvd-export", description=DESCRIPTION,
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
