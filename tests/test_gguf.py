@@ -327,3 +327,15 @@ def test_cached_build_is_reused():
     assert d == build.lib_dir() and time.time() - t0 < 5
     info = json.loads((d / "build.json").read_text())
     assert info["llama_cpp_commit"] == build.LLAMA_CPP_COMMIT
+
+
+def test_aarch64_cross_build_has_its_own_cache_key():
+    """tools/check_arm.py's cross builds sit beside the native one: other options, other key, and
+    the native build's options (and so its cached key) do not change."""
+    arm = build.cmake_options(arm_arch="armv8.2-a+dotprod+i8mm")
+    assert "-DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod+i8mm" in arm and "-DGGML_NATIVE=OFF" in arm
+    assert "-DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++" in arm
+    assert not any("aarch64" in o or "CMAKE_SYSTEM_NAME" in o for o in build.cmake_options())
+    keys = {build.lib_dir(), build.lib_dir(arm_arch="armv8.2-a+dotprod+i8mm"),
+            build.lib_dir(arm_arch="armv8.2-a+dotprod")}
+    assert len(keys) == 3 and sum("aarch64" in d.name for d in keys) == 2

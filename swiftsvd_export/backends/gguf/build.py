@@ -9,6 +9,7 @@ Cache layout under ``cache_root()/llamacpp``::
     <llama.cpp commit>-<patch hash>/        libllama.so, libggml*.so, build.json
     <llama.cpp commit>-unpatched-<hash>/    the same llama.cpp without the patches (``--unpatched``), for the
                                             check that stock llama.cpp refuses a low-rank GGUF
+    <llama.cpp commit>-aarch64-<hash>/      a cross build for aarch64 (``arm_arch``), for tools/check_arm.py
 
 The patch hash covers the patch series and the build options, so changing either makes a new key.
 One implementation: ``tools/build_llamacpp.py`` and ``swiftsvd-export build-llamacpp`` both call
@@ -57,8 +58,18 @@ def patch_files(patches_dir: Path | None = None) -> list[Path]:
     return files
 
 
-def cmake_options(native: bool = True, unity: bool = False) -> list[str]:
-    return [
+def cmake_options(native: bool = True, unity: bool = False, arm_arch: str | None = None) -> list[str]:
+    """The CMake options of a build; ``arm_arch`` (e.g. ``armv8.2-a+dotprod+i8mm``) cross-compiles
+    for aarch64 Linux with Debian's ``aarch64-linux-gnu`` toolchain (``tools/check_arm.py`` runs it
+    under qemu-user), which implies a non-native build."""
+    cross = [] if arm_arch is None else [
+        "-DCMAKE_SYSTEM_NAME=Linux", "-DCMAKE_SYSTEM_PROCESSOR=aarch64",
+        "-DCMAKE_C_COMPILER=aarch64-linux-gnu-gcc", "-DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++",
+        "-DCMAKE_FIND_ROOT_PATH=/usr/aarch64-linux-gnu", "-DCMAKE_FIND_ROOT_PATH_MODE_PROGRAM=NEVER",
+        "-DCMAKE_FIND_ROOT_PATH_MODE_LIBRARY=ONLY", "-DCMAKE_FIND_ROOT_PATH_MODE_INCLUDE=ONLY",
+        f"-DGGML_CPU_ARM_ARCH={arm_arch}"]
+    native = native and arm_arch is None
+    return cross + [
         "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON",
         "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
         "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_COMMON=OFF",
@@ -85,13 +96,14 @@ def default_unity() -> bool:
 
 
 def lib_dir(native: bool = True, unity: bool | None = None, patches_dir: Path | None = None,
-            unpatched: bool = False) -> Path:
+            unpatched: bool = False, arm_arch: str | None = None) -> Path:
     """Where the patched (or, with ``unpatched``, stock) libraries live (may not exist yet)."""
     unity = default_unity() if unity is None else unity
-    opts = cmake_options(native, unity)
+    opts = cmake_options(native, unity, arm_arch)
+    arch = "" if arm_arch is None else "aarch64-"
     if unpatched:
-        return cache_root() / "llamacpp" / f"{LLAMA_CPP_COMMIT}-unpatched-{patch_hash([], opts)}"
-    return cache_root() / "llamacpp" / f"{LLAMA_CPP_COMMIT}-{patch_hash(patch_files(patches_dir), opts)}"
+        return cache_root() / "llamacpp" / f"{LLAMA_CPP_COMMIT}-{arch}unpatched-{patch_hash([], opts)}"
+    return cache_root() / "llamacpp" / f"{LLAMA_CPP_COMMIT}-{arch}{patch_hash(patch_files(patches_dir), opts)}"
 
 
 def is_built(d: Path) -> bool:
@@ -168,11 +180,11 @@ def apply_patches(src: Path, patches: list[Path]) -> None:
 
 
 def build_libs(force: bool = False, native: bool = True, unity: bool | None = None, jobs: int | None = None,
-               patches_dir: Path | None = None, unpatched: bool = False) -> Path:
+               patches_dir: Path | None = None, unpatched: bool = False, arm_arch: str | None = None) -> Path:
     unity = default_unity() if unity is None else unity
     patches = [] if unpatched else patch_files(patches_dir)
-    opts = cmake_options(native, unity)
-    out = lib_dir(native, unity, patches_dir, unpatched)
+    opts = cmake_options(native, unity, arm_arch)
+    out = lib_dir(native, unity, patches_dir, unpatched, arm_arch)
     if is_built(out) and not force:
         log.info("%s libllama cached in %s", "stock" if unpatched else "patched", out)
         return out
