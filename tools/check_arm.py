@@ -6,8 +6,9 @@ i8mm, 4x4 with dotprod only) and read their input rows as if contiguous: the cas
 has to make each B factor's view of the stacked A·x contiguous over a prompt (it broke V on x86;
 targets/llamacpp/README.md, "Why stacked"). This checks the ARM side, without a phone:
 
-1. cross-builds the patched libllama for each ``--arm-arch`` (cached beside the native build, keyed by
-   the patches and options: ~5-6 min each on 2 cores the first time);
+1. cross-builds the patched libllama for each ``--arm-arch`` (``swiftsvd-export build-llamacpp
+   --arm-arch MARCH``; cached beside the native build, keyed by the patches and options: ~3 min for the
+   first on 2 cores, under a minute for the next with ccache);
 2. builds ``tools/llamacpp_logits.cpp`` for x86 (against the native patched build) and for each
    aarch64 build;
 3. writes GGUFs of a tiny random Llama whose every q/k/v/o/gate/up/down is factorized with ranks that
@@ -22,6 +23,7 @@ on this model) with every top-1 disagreement at a position where x86's own top-2
 than that position's difference, and when ARM repacked the quantized file's weights. With
 ``--negative-control`` it also builds the patch without its ``ggml_cont`` (B reads the strided view
 directly) and requires the check to fail there, so a pass is known to mean something.
+``tests/test_arm.py`` runs the check (2 threads, both architectures) in the test suite.
 
     apt-get install -y qemu-user g++-aarch64-linux-gnu     # Debian/Ubuntu
     python tools/check_arm.py --json bench_out/arm.json [--negative-control]

@@ -31,4 +31,19 @@ if [[ "${1:-}" == "--test" ]]; then
   # Stock llama.cpp (the same sources without the patches, ~2 min after the patched build thanks to
   # ccache, then cached) for the test that it refuses a low-rank GGUF instead of misreading it.
   swiftsvd-export build-llamacpp --unpatched --no-bindings
+  # The same patched llama.cpp for aarch64 phones (cross-built, run under qemu-user by
+  # tests/test_arm.py and tools/check_arm.py): the ARM kernels that repack Q4_0/Q8_0 weights.
+  # ~4 min the first time (root + apt for the tools), then cached.
+  if ! command -v qemu-aarch64 >/dev/null || ! command -v aarch64-linux-gnu-g++ >/dev/null; then
+    if command -v apt-get >/dev/null && [[ $(id -u) == 0 ]]; then
+      (apt-get install -y -qq qemu-user g++-aarch64-linux-gnu >/dev/null 2>&1 \
+        || { apt-get update -qq && apt-get install -y -qq qemu-user g++-aarch64-linux-gnu; } >/dev/null 2>&1) \
+        || echo "setup: qemu-user / g++-aarch64-linux-gnu not installed (the ARM test will not run)" >&2
+    fi
+  fi
+  if command -v qemu-aarch64 >/dev/null && command -v aarch64-linux-gnu-g++ >/dev/null; then
+    for arch in armv8.2-a+dotprod+i8mm armv8.2-a+dotprod; do
+      swiftsvd-export build-llamacpp --arm-arch "$arch"
+    done
+  fi
 fi

@@ -269,12 +269,22 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         args = build_argument_parser().parse_args(argv)
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     t0 = time.time()
+    arm_arch = getattr(args, "arm_arch", None)
+    if arm_arch:
+        missing = [t for t in ("aarch64-linux-gnu-gcc", "aarch64-linux-gnu-g++") if not shutil.which(t)]
+        if missing:
+            raise SwiftSVDError(f"--arm-arch needs the aarch64 cross compilers ({', '.join(missing)} not found): "
+                                "apt-get install g++-aarch64-linux-gnu")
     out = build_libs(force=args.force, native=not args.portable, unity=args.unity or default_unity(),
-                     jobs=args.jobs, unpatched=args.unpatched)
-    if not args.no_bindings:
+                     jobs=args.jobs, unpatched=args.unpatched, arm_arch=arm_arch)
+    if not args.no_bindings and not arm_arch:
         install_bindings()
     what = "stock (unpatched)" if args.unpatched else "patched"
-    print(f"{what} llama.cpp ready in {time.time() - t0:.1f} s: LLAMA_CPP_LIB_PATH={out}")
+    if arm_arch:
+        print(f"{what} llama.cpp for aarch64 ({arm_arch}) ready in {time.time() - t0:.1f} s: {out} "
+              "(tools/check_arm.py runs it under qemu)")
+    else:
+        print(f"{what} llama.cpp ready in {time.time() - t0:.1f} s: LLAMA_CPP_LIB_PATH={out}")
     return 0
 
 
@@ -285,6 +295,10 @@ def add_build_arguments(p) -> None:
                                                          "which run time reads as well)")
     p.add_argument("--jobs", "-j", type=int, default=None, help="parallel compile jobs (default: all cores)")
     p.add_argument("--no-bindings", action="store_true", help="do not pip-install llama-cpp-python")
+    p.add_argument("--arm-arch", default=None, metavar="MARCH",
+                   help="cross-build for aarch64 Linux with GGML_CPU_ARM_ARCH=MARCH (e.g. armv8.2-a+dotprod+i8mm; "
+                        "needs g++-aarch64-linux-gnu) into its own cache folder, for tools/check_arm.py; "
+                        "no bindings are installed")
     p.add_argument("--unpatched", action="store_true",
                    help="build the same llama.cpp without the patches into its own cache folder (for the test "
                         "that stock llama.cpp refuses a low-rank GGUF; ccache reuses most of the patched build)")
