@@ -38,7 +38,7 @@ def _need_arm():
 
 def test_arm_repacked_kernels_match_x86(tmp_path):
     _need_arm()
-    args = argparse.Namespace(arm_arch=check_arm.ARCHS, threads=[2], f32_tol=0.05, q_tol=1.0,
+    args = argparse.Namespace(arm_arch=check_arm.ARCHS, threads=[2], f32_tol=0.05, q_tol=1.0, gguf=None,
                               negative_control=False, json=tmp_path / "arm.json")
     rc = check_arm.check_all(args, tmp_path)
     data = json.loads((tmp_path / "arm.json").read_text())
