@@ -34,16 +34,23 @@ log = logging.getLogger(__name__)
 
 @contextlib.contextmanager
 def _quiet():
-    """onnxruntime's quantizers log every node at INFO on the root logger; keep that out."""
+    """onnxruntime's quantizers log every node at INFO on the root logger; keep that out, and the
+    advice to run its pre-processing (shape inference on graphs that already carry their shapes)."""
     root = logging.getLogger()
     loggers = [root] + [logging.getLogger(n) for n in ("onnxruntime.quantization",
                                                          "onnxruntime.quantization.matmul_nbits_quantizer")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(max(logging.WARNING, lg.level))
+
+    def no_preprocess_advice(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Please consider to run pre-processing")
+
+    root.addFilter(no_preprocess_advice)
     try:
         yield
     finally:
+        root.removeFilter(no_preprocess_advice)
         for lg, lv in zip(loggers, levels):
             lg.setLevel(lv)
 
@@ -67,13 +74,19 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def quantize_int8_dynamic(src: Path, dst: Path) -> dict:
+    """MatMulInteger for every 2D-weight MatMul. A latent-V graph's per-head B_V (a 3D weight, one
+    batched MatMul over the KV heads) stays fp32, as the MatMulNBits modes leave it."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    model = onnx.load(str(src), load_external_data=False)
+    dims = {i.name: len(i.dims) for i in model.graph.initializer}
+    batched = sorted(n.name for n in model.graph.node
+                     if n.op_type == "MatMul" and len(n.input) > 1 and dims.get(n.input[1], 2) != 2)
     with _quiet():
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                         per_channel=False, extra_options={"MatMulConstBOnly": True})
+                         per_channel=False, nodes_to_exclude=batched, extra_options={"MatMulConstBOnly": True})
     return {"mode": "int8-dynamic", "op": "MatMulInteger", "weight_type": "int8 per-tensor",
-            "activations": "uint8 dynamic"}
+            "activations": "uint8 dynamic", "left_fp32": batched}
 
 
 def check_block_size(block_size: int | None) -> None:

@@ -26,6 +26,26 @@ _LAYOUT_KEY = "swiftsvd.kv_cache"
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
+def session_options(threads: int | None = None, optimization: str = "all"):
+    """The onnxruntime session options every run of the project uses."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    # int8-dynamic graphs (MatMulInteger, u8 x s8): on x64 CPUs without VNNI onnxruntime's default
+    # kernel adds products in pairs in 16 bits (vpmaddubsw) and saturates; this selects the exact
+    # kernel (README, "int8-dynamic"). Nothing else reads the key.
+    so.add_session_config_entry("session.x64quantprecision", "1")
+    so.graph_optimization_level = {
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[optimization]
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    return so
+
+
 class OrtDecoder:
     """A KV-cached decoder session; works for every precision/quantization the exporter writes."""
 
@@ -40,17 +60,9 @@ class OrtDecoder:
         if not path.is_file():
             raise SwiftSVDError(f"{folder}: no model.onnx or model.ort (export it with "
                                 "`swiftsvd-export export --target onnx`)")
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        so.graph_optimization_level = {
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[optimization]
-        if threads:
-            so.intra_op_num_threads = threads
-            so.inter_op_num_threads = 1
         try:
-            self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), session_options(threads, optimization),
+                                                providers=["CPUExecutionProvider"])
         except Exception as e:
             raise SwiftSVDError(f"{path}: onnxruntime cannot load it ({type(e).__name__}: {e})") from None
         self.folder = folder
