@@ -13,6 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from swiftsvd_export.backends.gguf import build
@@ -51,3 +52,35 @@ def test_arm_repacked_kernels_match_x86(tmp_path):
             layout = "4x8" if "i8mm" in r["build"] else "4x4"
             assert r["repacked"] and all(k.endswith(layout) for k in r["repacked"]), r
     assert {r["build"] for r in data["rows"]} == set(check_arm.ARCHS)
+
+
+def _logits_file(path: Path, logits: np.ndarray, phases: list[int]) -> Path:
+    """The harness's format (tools/llamacpp_logits.cpp): n_rows, n_vocab, phase per row, float32 logits."""
+    path.write_bytes(np.asarray(logits.shape, np.int32).tobytes() + np.asarray(phases, np.int32).tobytes()
+                     + logits.astype(np.float32).tobytes())
+    return path
+
+
+def test_comparison_passes_noise_and_near_ties_only(tmp_path):
+    """What check_arm calls a pass (runs without qemu): small differences, and top-1 flips only where
+    x86's own top-2 margin is smaller than the difference at that position."""
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(6, 32)) * 2  # below the planted 9s
+    ref[2, :2] = [9.0, 8.95]  # a near-tie at position 2
+    ref[4, :2] = [9.0, 8.4]   # a winner by 0.6 at position 4
+    phases = [0, 0, 0, 1, 2, 2]
+    a = _logits_file(tmp_path / "x86.bin", ref, phases)
+
+    def verdict(test: np.ndarray, quantized: bool = True) -> dict:
+        return check_arm.compare(a, _logits_file(tmp_path / "arm.bin", test, phases), quantized, 0.05, 1.0)
+
+    assert verdict(ref + 1e-3, quantized=False)["ok"]
+    assert not verdict(ref + 0.2, quantized=False)["ok"]  # F32 tolerance
+    flipped = ref.copy()
+    flipped[2, :2] = [8.9, 9.0]  # the near-tie flips by 0.1: noise
+    r = verdict(flipped)
+    assert r["ok"] and [f["position"] for f in r["top1_flips"]] == [2] and r["top1_agree"]["prompt"] == "2/3"
+    flipped[4, :2] = [8.8, 8.9]  # it loses: the row moved by 0.5 (within the 1.0 tolerance), less than its margin
+    r = verdict(flipped)
+    assert not r["ok"] and r["max_abs_diff"] < 1.0 and [f["position"] for f in r["top1_flips"]] == [2, 4]
+    assert not verdict(ref + rng.normal(size=ref.shape) * 2)["ok"]  # O(1) errors, as without ggml_cont
