@@ -18,6 +18,14 @@ WIKI_TRAIN = SHARED / "wikitext2" / "wikitext-2-raw-v1.train.prefix1MB.txt"
 WIKI_TEST = SHARED / "wikitext2" / "wikitext-2-raw-v1.test.nnjoin.txt"
 
 
+def skip_or_fail_in_ci(msg: str) -> None:
+    """A build that ``tools/setup.sh --test`` makes is missing: skipped here, a failure in CI (``CI`` set,
+    as ``.ci/run`` runs), so CI never passes by skipping the real path."""
+    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
 def truncated_svd(linear: torch.nn.Linear, k: int):
     """A LowRankLinear of ``linear``'s rank-k truncated SVD (A = V_kᵀ, B = U_k·S_k)."""
     from swiftsvd_export.lowrank import LowRankLinear

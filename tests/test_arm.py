@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -21,6 +20,8 @@ from swiftsvd_export.backends.gguf import build
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import check_arm  # noqa: E402
 
+from .conftest import skip_or_fail_in_ci  # noqa: E402
+
 pytestmark = pytest.mark.llamacpp_arm
 
 
@@ -31,10 +32,7 @@ def _need_arm():
     if not build.is_built(build.lib_dir()):
         missing.append("build-llamacpp")
     if missing:
-        msg = f"ARM check needs {', '.join(missing)} (tools/setup.sh --test)"
-        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
-            pytest.fail(msg)
-        pytest.skip(msg)
+        skip_or_fail_in_ci(f"ARM check needs {', '.join(missing)} (tools/setup.sh --test)")
 
 
 def test_arm_repacked_kernels_match_x86(tmp_path):

@@ -19,7 +19,7 @@ from swiftsvd_export.backends.gguf import build
 from swiftsvd_export.backends.gguf.writer import export_gguf
 from swiftsvd_export.lowrank import save_lowrank
 
-from .conftest import make_tiny_llama, make_tokenizer
+from .conftest import make_tiny_llama, make_tokenizer, skip_or_fail_in_ci
 from .test_gguf import RANKS, _factorize
 
 pytestmark = pytest.mark.llamacpp_unpatched
@@ -50,10 +50,7 @@ def stock():
     """The stock build's folder (skip, or fail in CI, when it is missing)."""
     d = build.lib_dir(unpatched=True)
     if not build.is_built(d):
-        msg = f"stock llama.cpp not built ({d}): run `swiftsvd-export build-llamacpp --unpatched`"
-        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
-            pytest.fail(msg)
-        pytest.skip(msg)
+        skip_or_fail_in_ci(f"stock llama.cpp not built ({d}): run `swiftsvd-export build-llamacpp --unpatched`")
     return d
 
 
