@@ -70,7 +70,7 @@ def test_comparison_passes_noise_and_near_ties_only(tmp_path):
     a = _logits_file(tmp_path / "x86.bin", ref, phases)
 
     def verdict(test: np.ndarray, quantized: bool = True) -> dict:
-        return check_arm.compare(a, _logits_file(tmp_path / "arm.bin", test, phases), quantized, 0.05, 1.0)
+        return check_arm.compare(a, _logits_file(tmp_path / "arm.bin", test, phases), 1.0 if quantized else 0.05)
 
     assert verdict(ref + 1e-3, quantized=False)["ok"]
     assert not verdict(ref + 0.2, quantized=False)["ok"]  # F32 tolerance
