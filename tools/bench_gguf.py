@@ -219,13 +219,14 @@ def main() -> int:
             paths[label] = path
         rss = {label: run_child(["--child", str(p), "--child-rss", "--threads", "1", *common], "passive")
                for label, p in paths.items()}
+        sizes = {label: tensor_bytes(p) for label, p in paths.items()}  # (weight bytes, KV bytes per position)
         for fa in a.flash_attn:
             for th in a.threads:
                 for wait in (["passive"] if th == 1 else a.wait):
                     res = run_child(["--child", *map(str, paths.values()), "--threads", str(th),
                                      "--flash-attn", fa, *common], wait)
                     for (label, path), r in zip(paths.items(), res):
-                        nbytes, kv_per_position = tensor_bytes(path)
+                        nbytes, kv_per_position = sizes[label]
                         r.update(model=label, source=str(path), type=t, threads=th, flash_attn=fa,
                                  omp_wait_policy=wait if th > 1 else "-", file_mib=path.stat().st_size / 2**20,
                                  bytes_per_token=nbytes, kv_bytes_per_position=kv_per_position, **rss[label])
