@@ -1,5 +1,4 @@
 """The ``swiftsvd-export`` command line: one subcommand per module in ``commands/``."""
-
 from __future__ import annotations
 
 import argparse
