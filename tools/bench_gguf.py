@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchlib import fits_of_results, fits_table, run_json_child  # noqa: E402
+from benchlib import CELL, fits_of_results, fits_table, run_json_child  # noqa: E402
 from swiftsvd_export.memory import peak_rss_mib  # noqa: E402
 
 
@@ -234,12 +234,9 @@ def main() -> int:
                         print(f"  {label:6} {t:5} {th}t {r['omp_wait_policy']:7} fa={fa}: " + ", ".join(
                             f"{k}={v:.1f}" for k, v in r.items() if isinstance(v, float)), flush=True)
 
-    def cell(r: dict) -> tuple:
-        return r["type"], r["threads"], r["omp_wait_policy"], r["flash_attn"]
-
-    dense = {cell(r): r for r in rows if r["model"] == "dense"}
+    dense = {tuple(r[k] for k in CELL): r for r in rows if r["model"] == "dense"}
     for r in rows:
-        d = dense.get(cell(r))
+        d = dense.get(tuple(r[k] for k in CELL))
         if d:
             r["expected_speedup"] = d["bytes_per_token"] / r["bytes_per_token"]
             for ctx in a.contexts:

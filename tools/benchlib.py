@@ -45,6 +45,9 @@ def fit_fixed_cost(bytes_read: list[float], ms_per_token: list[float]) -> dict:
             "max_abs_residual_ms": float(np.abs(residual).max()), "ceiling_fixed_ms": float(ceiling)}
 
 
+CELL = ("type", "threads", "omp_wait_policy", "flash_attn")  # what a side-by-side cell of rows shares
+
+
 def fits_of_results(path: str | Path) -> list[dict]:
     """``fit_fixed_cost`` for every cell of a saved bench_gguf.py or bench_onnx.py JSON."""
     data = json.loads(Path(path).read_text())
@@ -53,7 +56,7 @@ def fits_of_results(path: str | Path) -> list[dict]:
     contexts = sorted({int(k.split("@")[1]) for k in rows[0] if k.startswith("decode_tok_s@")})
     cells: dict[tuple, list[dict]] = {}
     for r in rows:
-        key = tuple(r.get(k, "-") for k in ("type", "threads", "omp_wait_policy", "flash_attn"))
+        key = tuple(r.get(k, "-") for k in CELL)  # bench_onnx.py rows have threads only
         cells.setdefault(key, []).append(r)
     fits = []
     for key, rs in cells.items():
@@ -61,8 +64,7 @@ def fits_of_results(path: str | Path) -> list[dict]:
             rs = sorted(rs, key=lambda r: -(r[wkey] + ctx * r["kv_bytes_per_position"]))
             f = fit_fixed_cost([r[wkey] + ctx * r["kv_bytes_per_position"] for r in rs],
                                [1e3 / r[f"decode_tok_s@{ctx}"] for r in rs])
-            fits.append({"type": key[0], "threads": key[1], "omp_wait_policy": key[2], "flash_attn": key[3],
-                         "context": ctx, "models": [r["model"] for r in rs], **f})
+            fits.append({**dict(zip(CELL, key)), "context": ctx, "models": [r["model"] for r in rs], **f})
     return fits
 
 
