@@ -9,11 +9,13 @@
   no allowed size divides stay fp32 and are listed in the summary. With an importance vector
   (``channel_importance``), 4-bit weights take blocks of 32 and ggml's weighted Q4_0 rounding,
   repacked into MatMulNBits (``q4_0_as_nbits``: the two formats encode the same numbers).
-- int8-dynamic: ``quantize_dynamic`` -> ``MatMulInteger`` (weights int8 per tensor, activations
-  uint8 per tensor, per call). On SmolLM2 it loses most of the top-1 agreement (per-tensor
-  activation scales cannot hold the outlier channels of the hidden states nor the decaying
-  latent of a factor pair), so ``int8`` is blockwise weight-only and this mode is kept for
-  runtimes without MatMulNBits.
+- int8-dynamic: ``quantize_dynamic`` -> ``MatMulInteger`` (weights int8 per output column, in 7
+  bits; activations uint8 per tensor, per call). On SmolLM2 it loses most of the top-1 agreement
+  (per-tensor activation scales cannot hold the outlier channels of the hidden states nor the
+  decaying latent of a factor pair), so ``int8`` is blockwise weight-only and this mode is kept
+  for runtimes without MatMulNBits. The 7-bit range is what makes the graph right in any
+  onnxruntime: x64 CPUs without VNNI add u8·s8 products in pairs in 16 bits, which 255·127·2
+  overflows and 255·64·2 does not (README, "int8-dynamic").
 """
 from __future__ import annotations
 
@@ -74,8 +76,11 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def quantize_int8_dynamic(src: Path, dst: Path) -> dict:
-    """MatMulInteger for every 2D-weight MatMul. A latent-V graph's per-head B_V (a 3D weight, one
-    batched MatMul over the KV heads) stays fp32, as the MatMulNBits modes leave it."""
+    """MatMulInteger for every 2D-weight MatMul, weights per output column in [-64, 64]
+    (``reduce_range``): the default x64 kernel saturates on full-range weights unless the session
+    sets ``session.x64quantprecision``, which a user's runtime does not. A latent-V graph's
+    per-head B_V (a 3D weight, one batched MatMul over the KV heads) stays fp32, as the
+    MatMulNBits modes leave it."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = onnx.load(str(src), load_external_data=False)
@@ -84,8 +89,9 @@ def quantize_int8_dynamic(src: Path, dst: Path) -> dict:
                      if n.op_type == "MatMul" and len(n.input) > 1 and dims.get(n.input[1], 2) != 2)
     with _quiet():
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                         per_channel=False, nodes_to_exclude=batched, extra_options={"MatMulConstBOnly": True})
-    return {"mode": "int8-dynamic", "op": "MatMulInteger", "weight_type": "int8 per-tensor",
+                         per_channel=True, reduce_range=True, nodes_to_exclude=batched,
+                         extra_options={"MatMulConstBOnly": True})
+    return {"mode": "int8-dynamic", "op": "MatMulInteger", "weight_type": "int8 per output column, 7-bit range",
             "activations": "uint8 dynamic", "left_fp32": batched}
 
 
