@@ -180,6 +180,28 @@ def test_int4_with_8_bit_a_factors(exports):
     assert [a.variant for a in discover([exports["int4-a8"]])] == ["int4+int8"]  # what the report prints
 
 
+def test_nbits_accuracy_level(exports, lowrank_dir, torch_model, tmp_path):
+    """MatMulNBits computes with int8 activations (accuracy level 4) unless asked for level 1: at 1
+    onnxruntime has no 8-bit kernel and dequantizes every weight per call (README, "accuracy
+    level"). Level 1 keeps the activations fp32, so it lands closer to the fp32 graph."""
+    from swiftsvd_export.backends.onnx.runtime import OrtDecoder
+
+    def levels(folder):
+        g = onnx.load(str(folder / "model.onnx"))
+        return {onnx.helper.get_attribute_value(a) for n in g.graph.node if n.op_type == "MatMulNBits"
+                for a in n.attribute if a.name == "accuracy_level"}
+
+    s1 = export_onnx(lowrank_dir, tmp_path / "int8-acc1", quantize="int8", accuracy_level=1)
+    assert levels(exports["int8"]) == {4} and levels(exports["int4-a8"]) == {4} and levels(tmp_path / "int8-acc1") == {1}
+    assert s1["quantization"]["accuracy_level"] == 1
+    assert json.loads((exports["int8"] / "summary.json").read_text())["quantization"]["accuracy_level"] == 4
+    ids = np.asarray([prompt_ids(torch_model[1])[0]])
+    ref = OrtDecoder(exports["fp32"]).logits(ids)
+    err = {v: np.abs(OrtDecoder(f).logits(ids) - ref).max() for v, f in
+           (("4", exports["int8"]), ("1", tmp_path / "int8-acc1"))}
+    assert err["1"] < err["4"], err
+
+
 @pytest.mark.llamacpp
 def test_int4_weighted_by_a_calibration_text(lowrank_dir, torch_model, exports, calib_txt, tmp_path):
     """With a calibration text, every 4-bit MatMulNBits is ggml's importance-weighted Q4_0 of its weight
@@ -344,6 +366,10 @@ def test_unknown_quantization_mode(lowrank_dir, tmp_path):
         onnx_cli.run_export(_export_args(lowrank_dir, tmp_path / "o", precision="int2"))
     with pytest.raises(SwiftSVDError, match="power of two"):
         onnx_cli.run_export(_export_args(lowrank_dir, tmp_path / "o", quantize="int4", block_size=24))
+    with pytest.raises(SwiftSVDError, match="--accuracy-level 2: choose 4"):
+        onnx_cli.run_export(_export_args(lowrank_dir, tmp_path / "o", quantize="int8", accuracy_level=2))
+    with pytest.raises(SwiftSVDError, match="--accuracy-level only applies to --quantize int8, int4"):
+        onnx_cli.run_export(_export_args(lowrank_dir, tmp_path / "o", quantize="int8-dynamic", accuracy_level=1))
     assert not (tmp_path / "o").exists()
 
 
@@ -397,6 +423,11 @@ def test_cli_export_and_generate(lowrank_dir, tmp_path, capsys):
     assert "unknown quantization mode 'int3'" in capsys.readouterr().err
     assert main(["export", "--target", "onnx", str(tmp_path), str(out)]) == 2
     assert "not a model folder" in capsys.readouterr().err
+    assert main(["export", "--target", "onnx", str(lowrank_dir), str(out), "--factor-type", "q8_0"]) == 2
+    assert "--factor-type: gguf option(s), not for --target onnx" in capsys.readouterr().err
+    assert main(["export", "--target", "gguf", str(lowrank_dir), str(tmp_path / "m.gguf"), "--quantize", "int8",
+                 "--block-size", "32"]) == 2
+    assert "--quantize, --block-size: onnx option(s), not for --target gguf" in capsys.readouterr().err
     assert not out.exists()
     assert main(["export", "--target", "onnx", str(lowrank_dir), str(out), "--precision", "fp16"]) == 0
     assert main(["export", "--target", "onnx", str(lowrank_dir), str(out)]) == 2

@@ -182,6 +182,9 @@ def test_profile_files_are_strict(tmp_path):
            "p.toml")
     with pytest.raises(SwiftSVDError, match=r"p.toml: \[export\] a latent-v cache needs the traced graph"):
         load_config(_write(tmp_path, BASE + '[[targets]]\nprofile = "p.toml"\n'))
+    _write(tmp_path, 'description = "x"\nformat = "onnx"\n[export]\nquantize = "int8"\naccuracy_level = 3\n', "p.toml")
+    with pytest.raises(SwiftSVDError, match=r"p.toml: \[export\] --accuracy-level 3: choose 4"):
+        load_config(_write(tmp_path, BASE + '[[targets]]\nprofile = "p.toml"\n'))
 
 
 def test_config_merges_thresholds_and_resolves_paths(tmp_path):
@@ -197,7 +200,7 @@ def test_config_merges_thresholds_and_resolves_paths(tmp_path):
     q8, phone = cfg.targets
     assert q8.thresholds.limits() == {"max_ppl_increase": 50.0, "min_decode_tps": 20.5}
     assert phone.name == "phone" and phone.thresholds.min_decode_tps == 10.0
-    assert phone.profile.export == {"precision": "fp32", "quantize": "int8", "mobile": True}
+    assert phone.profile.export == {"precision": "fp32", "quantize": "int8", "accuracy_level": 4, "mobile": True}
     assert cfg.needs_llamacpp and cfg.compress_config(tmp_path / "o").rank_multiple == 32
 
 

@@ -43,12 +43,20 @@ def add_parser(sub) -> None:
                    help="sequences of 512 tokens for that importance pass (default 16)")
     p.add_argument("--no-imatrix", action="store_true",
                    help="4-bit weights rounded plainly (gguf-py's / onnxruntime's quantizer), no importance pass")
+    options = {}
     for target in TARGETS:
-        _backend_cli(target).add_export_arguments(p.add_argument_group(f"{target} options"))
-    p.set_defaults(func=_run)
+        group = p.add_argument_group(f"{target} options")
+        _backend_cli(target).add_export_arguments(group)
+        options[target] = [(a.dest, a.default, a.option_strings[0]) for a in group._group_actions]
+    p.set_defaults(func=_run, target_options=options)
 
 
 def _run(args) -> int:
+    # another target's option would be silently ignored: refuse it
+    for target, opts in args.target_options.items():
+        given = [flag for dest, default, flag in opts if target != args.target and getattr(args, dest) != default]
+        if given:
+            raise SwiftSVDError(f"{', '.join(given)}: {target} option(s), not for --target {args.target}")
     backend = _backend_cli(args.target)
     # A backend opts in to latent caches by listing its layouts; never export dense in their place.
     if args.kv_cache not in (None, "dense") and args.kv_cache not in getattr(backend, "KV_CACHE_LAYOUTS", ("dense",)):

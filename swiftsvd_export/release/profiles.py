@@ -5,7 +5,7 @@ Profile file::
 
     description = "..."
     format = "onnx" | "gguf"
-    [export]          # onnx: precision, quantize, block_size, mobile, imatrix; gguf: factor_type, a_type,
+    [export]          # onnx: precision, quantize, block_size, accuracy_level, mobile, imatrix; gguf: factor_type, a_type,
                       # embed_type, imatrix (4-bit weights weighted by the release's calibration; default true);
                       # both: kv_cache (default: latent-v when v_proj is factorized everywhere, else dense)
     [requires]        # rank_multiple: compress ranks must be a multiple of it (quantization blocks)
@@ -27,7 +27,8 @@ PROFILES_DIR = Path(__file__).resolve().parents[2] / "targets" / "profiles"
 FORMATS = ("onnx", "gguf")
 PROFILE_SCHEMA = {"description": str, "format": FORMATS, "export": dict, "requires": dict}
 EXPORT_SCHEMA = {
-    "onnx": {"precision": PRECISIONS, "quantize": QUANTIZE, "block_size": int, "mobile": bool, "kv_cache": KV_LAYOUTS,
+    "onnx": {"precision": PRECISIONS, "quantize": QUANTIZE, "block_size": int, "accuracy_level": int, "mobile": bool,
+             "kv_cache": KV_LAYOUTS,
              "graph": ONNX_GRAPHS, "imatrix": bool},
     "gguf": {"factor_type": FACTOR_TYPES, "a_type": FACTOR_TYPES, "embed_type": EMBED_TYPES, "kv_cache": KV_LAYOUTS,
              "imatrix": bool},
@@ -74,7 +75,8 @@ def load_profile(ref: str, base_dir: Path, profiles_dir: Path = PROFILES_DIR) ->
 
         try:
             validate_options(export.get("precision", "fp32"), export.get("quantize", "none"),
-                             export.get("block_size"), export.get("kv_cache") or "dense", export.get("graph"))
+                             export.get("block_size"), export.get("kv_cache") or "dense", export.get("graph"),
+                             export.get("accuracy_level"))
         except SwiftSVDError as e:
             raise SwiftSVDError(f"{path}: [export] {e}") from None
     rank_multiple = requires.get("rank_multiple", 1)

@@ -18,6 +18,11 @@ def add_export_arguments(group) -> None:
     group.add_argument("--block-size", type=int, default=None,
                        help="int8/int4 block size (power of two >= 16; default: the largest of "
                             "128/64/32/16 that divides the factor ranks)")
+    group.add_argument("--accuracy-level", type=int, default=None, metavar="{4,1}",
+                       help="int8/int4 compute (MatMulNBits accuracy_level): 4 (default) quantizes the "
+                            "activations to int8 and runs integer kernels; 1 keeps them fp32, a little more "
+                            "accurate, but onnxruntime then dequantizes 8-bit weights on every call "
+                            "(8-17x slower decode on SmolLM2)")
     group.add_argument("--mobile", action="store_true",
                        help="also write the ORT format (.ort) and a reduced-operator config")
     group.add_argument("--onnx-graph", default=None, metavar="{traced,optimum}",
@@ -41,6 +46,7 @@ def run_export(args) -> int:
     export_onnx(args.model_dir, args.output, precision=args.precision, quantize=args.quantize,
                 imatrix_calib=imatrix, imatrix_samples=getattr(args, "imatrix_samples", 16),
                 block_size=args.block_size, mobile=args.mobile, overwrite=args.overwrite,
+                accuracy_level=getattr(args, "accuracy_level", None),
                 kv_cache=getattr(args, "kv_cache", None),  # None: latent-v when v_proj is factorized everywhere
                 graph=getattr(args, "onnx_graph", None))
     return 0

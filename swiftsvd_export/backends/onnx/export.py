@@ -32,8 +32,8 @@ from ...latent_kv import LAYOUTS, check_layout, default_layout, kv_bytes_per_tok
 from .cli import GRAPHS, PRECISIONS, QUANTIZE
 from .graph import PairReport, check_pairs, initializer_bytes, onnx_prefix, ort_optimized, shape_counts
 from .latent_export import METADATA_KEY, check_latent_pairs, export_traced_graph, write_layout
-from .quantize import (check_block_size, quantize_int8_dynamic, quantize_nbits, save_model, to_fp16,
-                       weighted_q4_quantizer)
+from .quantize import (DEFAULT_ACCURACY_LEVEL, check_accuracy_level, check_block_size, quantize_int8_dynamic,
+                       quantize_nbits, save_model, to_fp16, weighted_q4_quantizer)
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ TASK = "text-generation-with-past"
 
 
 def validate_options(precision: str, quantize: str, block_size: int | None, kv_cache: str = "dense",
-                     graph: str | None = None) -> None:
+                     graph: str | None = None, accuracy_level: int | None = None) -> None:
     if kv_cache not in LAYOUTS:
         raise SwiftSVDError(f"unknown KV cache layout {kv_cache!r}; choose one of {', '.join(LAYOUTS)}")
     check_graph(graph, kv_cache)
@@ -53,7 +53,10 @@ def validate_options(precision: str, quantize: str, block_size: int | None, kv_c
         raise SwiftSVDError(f"--quantize {quantize} works on the fp32 graph; drop --precision {precision}")
     if block_size is not None and quantize not in ("int8", "int4", "int4-a8"):
         raise SwiftSVDError("--block-size only applies to --quantize int8, int4 or int4-a8")
+    if accuracy_level is not None and quantize not in ("int8", "int4", "int4-a8"):
+        raise SwiftSVDError("--accuracy-level only applies to --quantize int8, int4 or int4-a8")
     check_block_size(block_size)
+    check_accuracy_level(accuracy_level)
 
 
 def check_graph(graph: str | None, kv_cache: str) -> None:
@@ -196,7 +199,7 @@ def export_onnx(model_dir: str | Path, output: str | Path, precision: str = "fp3
                 block_size: int | None = None, mobile: bool = False, overwrite: bool = False,
                 opset: int | None = None, model=None, tokenizer=None, kv_cache: str | None = "dense",
                 graph: str | None = None, imatrix_calib: str | Path | None = None, imatrix_samples: int = 16,
-                text_field: str = "text") -> dict:
+                text_field: str = "text", accuracy_level: int | None = None) -> dict:
     """Export ``model_dir`` to the folder ``output``; returns the summary written to summary.json.
 
     ``kv_cache`` picks the cache layout (``latent_kv.LAYOUTS``); a latent layout on a model whose
@@ -211,10 +214,11 @@ def export_onnx(model_dir: str | Path, output: str | Path, precision: str = "fp3
     then only recorded.
     ``imatrix_calib``: with int4 / int4-a8, a calibration text whose E[x²] per input channel weights
     the 4-bit rounding (``quantize.weight_q4_nodes``).
+    ``accuracy_level``: MatMulNBits' compute (``quantize.ACCURACY_LEVELS``; None: 4, int8 activations).
     """
     import onnx
 
-    validate_options(precision, quantize, block_size, kv_cache or "dense", graph)
+    validate_options(precision, quantize, block_size, kv_cache or "dense", graph, accuracy_level)
     output = Path(output)
     check_output(output, overwrite)
     t0 = time.time()
@@ -269,7 +273,8 @@ def export_onnx(model_dir: str | Path, output: str | Path, precision: str = "fp3
             quant_info = quantize_nbits(raw, final, bits=int(quantize[3]), block_size=block_size,
                                         a_bits=8 if quantize == "int4-a8" else None,
                                         a_prefixes=tuple(onnx_prefix(m) + "A/" for m in factors),
-                                        importance=importance, quantizer=quantizer)
+                                        importance=importance, quantizer=quantizer,
+                                        accuracy_level=accuracy_level or DEFAULT_ACCURACY_LEVEL)
         elif precision == "fp16":
             save_model(to_fp16(onnx.load(str(raw))), final)
         else:

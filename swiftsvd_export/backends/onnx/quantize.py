@@ -102,10 +102,19 @@ def check_block_size(block_size: int | None) -> None:
         raise SwiftSVDError(f"--block-size {block_size}: must be a power of two >= 16 (MatMulNBits)")
 
 
-# accuracy_level of MatMulNBits: 1 = fp32 compute (weights dequantized per block), 4 = int8
-# activations. 8-bit weights keep fp32 compute: with int8 activations SmolLM2 loses ~10 points of
-# top-1 agreement; 4-bit weights lose as much either way, so they take the faster int8 compute.
-ACCURACY_LEVEL = {8: 1, 4: 4}
+# accuracy_level of MatMulNBits: 4 = activations quantized to int8 per block, integer kernels;
+# 1 = fp32 activations. onnxruntime (1.32) has fp32-activation kernels for 4-bit weights only: an
+# 8-bit MatMulNBits at level 1 dequantizes its whole weight on every call (on x86 and ARM alike),
+# and SmolLM2 decodes 8-17x slower than the same graph at level 4, slower than fp32, for 0.8-1.3 %
+# less perplexity (README, "--accuracy-level").
+ACCURACY_LEVELS = (1, 4)
+DEFAULT_ACCURACY_LEVEL = 4
+
+
+def check_accuracy_level(accuracy_level: int | None) -> None:
+    if accuracy_level is not None and accuracy_level not in ACCURACY_LEVELS:
+        raise SwiftSVDError(f"--accuracy-level {accuracy_level}: choose 4 (int8 activations, fast) or "
+                            "1 (fp32 activations; 8-bit weights then dequantize on every call)")
 
 
 def plan_nbits(model: onnx.ModelProto, block_size: int | None, bits_of,
@@ -194,15 +203,17 @@ def weighted_q4_quantizer(block_size: int | None):
 
 
 def quantize_nbits(src: Path, dst: Path, bits: int, block_size: int | None = None, a_bits: int | None = None,
-                   a_prefixes: tuple[str, ...] = (), importance: Importance | None = None, quantizer=None) -> dict:
+                   a_prefixes: tuple[str, ...] = (), importance: Importance | None = None, quantizer=None,
+                   accuracy_level: int = DEFAULT_ACCURACY_LEVEL) -> dict:
     """``bits``-bit MatMulNBits for every MatMul whose K a block size divides; with ``a_bits``, the A
     factors (node names under ``a_prefixes``, ``<module>/A/``) get ``a_bits`` instead: A is the factor
     whose rounding costs most (README, "Q4_0 factors"). With ``importance`` and ``quantizer``
     (``weighted_q4_quantizer``), 4-bit weights use blocks of 32 and are rounded by ggml, weighted by
-    their inputs' E[x²] (``weight_q4_nodes``)."""
+    their inputs' E[x²] (``weight_q4_nodes``). ``accuracy_level``: see ``ACCURACY_LEVELS``."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     check_block_size(block_size)
+    check_accuracy_level(accuracy_level)
     if importance is None or 4 not in (bits, a_bits):
         quantizer = None
     model = onnx.load(str(src))
@@ -223,7 +234,7 @@ def quantize_nbits(src: Path, dst: Path, bits: int, block_size: int | None = Non
         # nodes_to_include is OR'ed with the op type in onnxruntime, so exclude the others instead
         with _quiet():
             q = MatMulNBitsQuantizer(model, bits=b, block_size=bs, is_symmetric=True,
-                                     accuracy_level=ACCURACY_LEVEL[b],
+                                     accuracy_level=accuracy_level,
                                      nodes_to_exclude=sorted(all_matmuls - set(nodes)))
             q.process()
         model = q.model.model
@@ -234,7 +245,7 @@ def quantize_nbits(src: Path, dst: Path, bits: int, block_size: int | None = Non
                     (block_size,) if block_size else INT4_BLOCK_SIZES,
                     ", ".join(f"{s['node']} K={s['K']}" for s in skipped[:6]))
     return {"mode": mode, "op": "MatMulNBits", "bits": bits, "a_bits": a_bits, "symmetric": True,
-            "accuracy_level": {f"int{b}": ACCURACY_LEVEL[b] for b in {bits, a_bits or bits}},
+            "accuracy_level": accuracy_level,
             "block_sizes": {f"int{b}/{bs}": len(nodes) for (b, bs), nodes in sorted(plan.items(), reverse=True)},
             "left_fp32": skipped, "importance_weighted_nodes": weighted,
             "importance": importance.describe() if weighted else None}
