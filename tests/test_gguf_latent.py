@@ -289,3 +289,65 @@ def test_q4_0_factors_of_stacked_projections(tmp_path, ids):
     for lay, path in paths.items():
         r = parity.compare_logits(ref, np.load(f"{path}.npy"))  # Q4_0 rounding: about 0.33 here
         assert r["max_abs_dlogit"] <= 0.6 and r["top1_agreement"] >= 0.99, (lay, r)
+
+
+_EXTRA_BUFTS_CHILD = r"""
+import json, sys
+import numpy as np
+from swiftsvd_export.backends.gguf import runtime
+llama_cpp = runtime.load_llama_cpp()
+default_params = llama_cpp.llama_model_default_params
+def params():  # llama-cpp-python has no switch for it: llama.cpp's use_extra_bufts (repacked/AMX weights)
+    p = default_params()
+    p.use_extra_bufts = sys.argv[2] == "1"
+    return p
+llama_cpp.llama_model_default_params = params
+ids = json.loads(sys.argv[1])
+for path in sys.argv[3:]:
+    llm = runtime.open_model(path, n_ctx=256, n_threads=2, logits_all=True, n_batch=64, kv_f32=True)
+    np.save(f"{path}.{sys.argv[2]}.npy", runtime.logits(llm, ids))
+"""
+
+
+def _has_amx() -> bool:
+    try:
+        return "amx_int8" in open("/proc/cpuinfo").read().split()
+    except OSError:
+        return False
+
+
+@pytest.mark.llamacpp
+@pytest.mark.skipif(not _has_amx(), reason="needs an x86 CPU with AMX (ggml's AMX kernels are built natively)")
+def test_amx_kernels_match_the_plain_ones(tmp_path, ids):
+    """On a CPU with AMX, ggml-cpu repacks Q4_0/Q8_0 weights for its AMX tile kernels. Three upstream
+    bugs broke low-rank GGUFs there (patch 0003): the tile config was miscompiled by GCC 12 (SIGSEGV on
+    the first prompt, dense models too), a weight one 32-wide block deep (a rank-32 B) summed into
+    uninitialized memory (logits off by ~10), and a latent cache's 3D B_V was repacked as 2D (ggml
+    abort). Logits with the extra buffer types must equal those without, to float rounding."""
+    import json
+    import subprocess
+    import sys
+
+    from swiftsvd_export.backends.gguf import parity
+
+    _need_build()
+    tok = make_tokenizer(tmp_path / "tok")
+    model = make_tiny_llama(seed=7, hidden=128)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(25.0)
+    _factorize(model, {f"model.layers.{i}.{m}": 32 for i in range(2)
+                       for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj")})
+    save_lowrank(model, tmp_path / "m", dtype="fp32", tokenizer=tok)
+    paths = [tmp_path / f"{t}-{lay}.gguf" for t in ("q8_0", "q4_0") for lay in ("dense", "latent-v")]
+    for p in paths:
+        t, lay = p.stem.split("-", 1)
+        export_gguf(tmp_path / "m", p, factor_type=t, embed_type="q8_0", quiet=True, kv_cache=lay)
+    for extra in "10":
+        proc = subprocess.run([sys.executable, "-c", _EXTRA_BUFTS_CHILD, json.dumps(ids[:96]), extra, *map(str, paths)],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, [ln for ln in proc.stderr.splitlines() if "ASSERT" in ln or "rror" in ln] or \
+            proc.stderr[-2000:]
+    for p in paths:
+        plain, amx = np.load(f"{p}.0.npy"), np.load(f"{p}.1.npy")
+        r = parity.compare_logits(plain, amx)
+        assert r["max_abs_dlogit"] <= 1e-3 * np.abs(plain).max() and r["top1_agreement"] == 1.0, (p.name, r)
