@@ -7,6 +7,8 @@ batches (prefill, then decode). Tests marked ``llamacpp`` need the patched libll
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -243,13 +245,49 @@ def test_validate_counts_latent_cache_bytes(tiny, layout):
 
 _LLAMACPP_CHILD = r"""
 import json, sys
+from pathlib import Path
+
 import numpy as np
 from swiftsvd_export.backends.gguf import runtime
-ids = json.loads(sys.argv[1])
-for path in sys.argv[2:]:
+ids, extra_bufts = json.loads(sys.argv[1]), sys.argv[2]
+if extra_bufts != "default":  # llama.cpp's use_extra_bufts (repacked/AMX weights): llama-cpp-python has no switch
+    llama_cpp = runtime.load_llama_cpp()
+    default_params = llama_cpp.llama_model_default_params
+    def params():
+        p = default_params()
+        p.use_extra_bufts = extra_bufts == "on"
+        return p
+    llama_cpp.llama_model_default_params = params
+for path in sys.argv[3:]:
     llm = runtime.open_model(path, n_ctx=256, n_threads=2, logits_all=True, n_batch=64, kv_f32=True)
-    np.save(path + ".npy", runtime.logits(llm, ids))
+    np.save(f"{path}.{extra_bufts}.npy", runtime.logits(llm, ids))
 """
+
+
+def _llamacpp_logits(ids: list[int], paths: list[Path], extra_bufts: str = "default") -> dict[Path, np.ndarray]:
+    """Each GGUF's logits for ``ids`` from the patched llama.cpp in a child process, so that a ggml abort
+    fails the test, not the session; ``extra_bufts`` "on"/"off" sets llama.cpp's repacking buffers."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _LLAMACPP_CHILD, json.dumps(ids), extra_bufts, *map(str, paths)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, [ln for ln in proc.stderr.splitlines() if "ASSERT" in ln or "rror" in ln] or \
+        proc.stderr[-2000:]
+    return {p: np.load(f"{p}.{extra_bufts}.npy") for p in paths}
+
+
+def _tiny_lowrank(folder: Path, ranks: dict[str, int]):
+    """The tiny Llama of these llama.cpp tests (d_kv = 2 KV heads x 32), factorized at ``ranks`` and
+    saved to ``folder``; returns the torch model."""
+    tok = make_tokenizer(folder / "tok")
+    model = make_tiny_llama(seed=7, hidden=128)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(25.0)
+    _factorize(model, ranks)
+    save_lowrank(model, folder / "m", dtype="fp32", tokenizer=tok)
+    return model
 
 
 @pytest.mark.llamacpp
@@ -263,19 +301,11 @@ def test_q4_0_factors_of_stacked_projections(tmp_path, ids):
     dense cache's V was off by 2.3 in the logits), and B_V, applied per KV head as a 3D tensor by a
     latent cache, must not be repacked (the patch loads it 3D; before, ggml aborted). llama.cpp runs
     in a child process, so that an abort fails this test, not the session."""
-    import json
-    import subprocess
-    import sys
-
     from swiftsvd_export.backends.gguf import parity
 
     _need_build()
-    tok = make_tokenizer(tmp_path / "tok")
-    model = make_tiny_llama(seed=7, hidden=128)  # d_kv = 2 KV heads x 32: B_V slices of 32 rows
-    with torch.no_grad():
-        model.model.embed_tokens.weight.mul_(25.0)
-    _factorize(model, {f"model.layers.{i}.self_attn.{p}_proj": 32 for i in range(2) for p in "qkv"})
-    save_lowrank(model, tmp_path / "m", dtype="fp32", tokenizer=tok)
+    # B_V slices of 32 rows
+    model = _tiny_lowrank(tmp_path, {f"model.layers.{i}.self_attn.{p}_proj": 32 for i in range(2) for p in "qkv"})
     seq = ids[:96]
     ref = parity.torch_logits(model, seq)
     paths = {lay: tmp_path / f"{lay}.gguf" for lay in LAYOUTS}
@@ -283,30 +313,10 @@ def test_q4_0_factors_of_stacked_projections(tmp_path, ids):
         export_gguf(tmp_path / "m", path, factor_type="q4_0", embed_type="q8_0", quiet=True, kv_cache=lay)
     _, t = _reader(paths["latent-v"])
     assert t["blk.0.attn_v_lr_b.weight"].tensor_type.name == "Q4_0"
-    proc = subprocess.run([sys.executable, "-c", _LLAMACPP_CHILD, json.dumps(seq), *map(str, paths.values())],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, [ln for ln in proc.stderr.splitlines() if "ASSERT" in ln or "rror" in ln] or proc.stderr[-2000:]
+    got = _llamacpp_logits(seq, list(paths.values()))
     for lay, path in paths.items():
-        r = parity.compare_logits(ref, np.load(f"{path}.npy"))  # Q4_0 rounding: about 0.33 here
+        r = parity.compare_logits(ref, got[path])  # Q4_0 rounding: about 0.33 here
         assert r["max_abs_dlogit"] <= 0.6 and r["top1_agreement"] >= 0.99, (lay, r)
-
-
-_EXTRA_BUFTS_CHILD = r"""
-import json, sys
-import numpy as np
-from swiftsvd_export.backends.gguf import runtime
-llama_cpp = runtime.load_llama_cpp()
-default_params = llama_cpp.llama_model_default_params
-def params():  # llama-cpp-python has no switch for it: llama.cpp's use_extra_bufts (repacked/AMX weights)
-    p = default_params()
-    p.use_extra_bufts = sys.argv[2] == "1"
-    return p
-llama_cpp.llama_model_default_params = params
-ids = json.loads(sys.argv[1])
-for path in sys.argv[3:]:
-    llm = runtime.open_model(path, n_ctx=256, n_threads=2, logits_all=True, n_batch=64, kv_f32=True)
-    np.save(f"{path}.{sys.argv[2]}.npy", runtime.logits(llm, ids))
-"""
 
 
 def _has_amx() -> bool:
@@ -324,30 +334,16 @@ def test_amx_kernels_match_the_plain_ones(tmp_path, ids):
     the first prompt, dense models too), a weight one 32-wide block deep (a rank-32 B) summed into
     uninitialized memory (logits off by ~10), and a latent cache's 3D B_V was repacked as 2D (ggml
     abort). Logits with the extra buffer types must equal those without, to float rounding."""
-    import json
-    import subprocess
-    import sys
-
     from swiftsvd_export.backends.gguf import parity
 
     _need_build()
-    tok = make_tokenizer(tmp_path / "tok")
-    model = make_tiny_llama(seed=7, hidden=128)
-    with torch.no_grad():
-        model.model.embed_tokens.weight.mul_(25.0)
-    _factorize(model, {f"model.layers.{i}.{m}": 32 for i in range(2)
-                       for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj")})
-    save_lowrank(model, tmp_path / "m", dtype="fp32", tokenizer=tok)
+    _tiny_lowrank(tmp_path, {f"model.layers.{i}.{m}": 32 for i in range(2)
+                             for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj")})
     paths = [tmp_path / f"{t}-{lay}.gguf" for t in ("q8_0", "q4_0") for lay in ("dense", "latent-v")]
     for p in paths:
         t, lay = p.stem.split("-", 1)
         export_gguf(tmp_path / "m", p, factor_type=t, embed_type="q8_0", quiet=True, kv_cache=lay)
-    for extra in "10":
-        proc = subprocess.run([sys.executable, "-c", _EXTRA_BUFTS_CHILD, json.dumps(ids[:96]), extra, *map(str, paths)],
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, [ln for ln in proc.stderr.splitlines() if "ASSERT" in ln or "rror" in ln] or \
-            proc.stderr[-2000:]
+    amx, plain = (_llamacpp_logits(ids[:96], paths, extra_bufts=e) for e in ("on", "off"))
     for p in paths:
-        plain, amx = np.load(f"{p}.0.npy"), np.load(f"{p}.1.npy")
-        r = parity.compare_logits(plain, amx)
-        assert r["max_abs_dlogit"] <= 1e-3 * np.abs(plain).max() and r["top1_agreement"] == 1.0, (p.name, r)
+        r = parity.compare_logits(plain[p], amx[p])
+        assert r["max_abs_dlogit"] <= 1e-3 * np.abs(plain[p]).max() and r["top1_agreement"] == 1.0, (p.name, r)

@@ -38,6 +38,7 @@ from .quantize import (DEFAULT_ACCURACY_LEVEL, check_accuracy_level, check_block
 log = logging.getLogger(__name__)
 
 TASK = "text-generation-with-past"
+NBITS_MODES = ("int8", "int4", "int4-a8")  # the --quantize modes written as MatMulNBits
 
 
 def validate_options(precision: str, quantize: str, block_size: int | None, kv_cache: str = "dense",
@@ -51,10 +52,9 @@ def validate_options(precision: str, quantize: str, block_size: int | None, kv_c
         raise SwiftSVDError(f"unknown quantization mode {quantize!r}; choose one of {', '.join(QUANTIZE)}")
     if quantize != "none" and precision != "fp32":
         raise SwiftSVDError(f"--quantize {quantize} works on the fp32 graph; drop --precision {precision}")
-    if block_size is not None and quantize not in ("int8", "int4", "int4-a8"):
-        raise SwiftSVDError("--block-size only applies to --quantize int8, int4 or int4-a8")
-    if accuracy_level is not None and quantize not in ("int8", "int4", "int4-a8"):
-        raise SwiftSVDError("--accuracy-level only applies to --quantize int8, int4 or int4-a8")
+    for flag, value in (("--block-size", block_size), ("--accuracy-level", accuracy_level)):
+        if value is not None and quantize not in NBITS_MODES:
+            raise SwiftSVDError(f"{flag} only applies to --quantize int8, int4 or int4-a8")
     check_block_size(block_size)
     check_accuracy_level(accuracy_level)
 
@@ -269,7 +269,7 @@ def export_onnx(model_dir: str | Path, output: str | Path, precision: str = "fp3
         del proto
         if quantize == "int8-dynamic":
             quant_info = quantize_int8_dynamic(raw, final)
-        elif quantize in ("int8", "int4", "int4-a8"):
+        elif quantize in NBITS_MODES:
             quant_info = quantize_nbits(raw, final, bits=int(quantize[3]), block_size=block_size,
                                         a_bits=8 if quantize == "int4-a8" else None,
                                         a_prefixes=tuple(onnx_prefix(m) + "A/" for m in factors),

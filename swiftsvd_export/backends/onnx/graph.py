@@ -166,15 +166,14 @@ def ort_optimized(model_path: str | Path, out_path: str | Path | None = None, th
     """The graph onnxruntime actually runs after ORT_ENABLE_ALL on CPU (written and reloaded)."""
     import onnxruntime as ort
 
+    from .runtime import session_options
+
     tmpdir = None
     if out_path is None:
         tmpdir = tempfile.TemporaryDirectory(prefix="swiftsvd-ortopt-")
         out_path = Path(tmpdir.name) / "optimized.onnx"
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so = session_options(threads, "all")
     so.optimized_model_filepath = str(out_path)
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
     so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                 Path(out_path).name + ".data")
     so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
