@@ -77,10 +77,11 @@ def test_each_q4_0_tensor_is_weighted_by_its_own_input(tiny, calib_txt, tmp_path
 
     _need_build()
     d, model, _ = tiny
-    imp = measure(d, calib_txt, nsamples=2, seqlen=128, progress=False)
+    imp = measure(d, calib_txt, nsamples=2, seqlen=512, progress=False)  # what export_gguf measures itself
     plain, weighted = tmp_path / "plain.gguf", tmp_path / "weighted.gguf"
     export_gguf(d, plain, factor_type="q4_0", embed_type="q8_0", quiet=True)
-    s = export_gguf(d, weighted, factor_type="q4_0", embed_type="q8_0", quiet=True, importance=lambda: imp)
+    s = export_gguf(d, weighted, factor_type="q4_0", embed_type="q8_0", quiet=True, imatrix_calib=calib_txt,
+                    imatrix_samples=2)
     sd = load_file(str(d / "model.safetensors"))
     r, tw = _reader(weighted)
     _, tp = _reader(plain)

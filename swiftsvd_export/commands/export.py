@@ -13,6 +13,19 @@ def _backend_cli(target: str):
     return importlib.import_module(f"swiftsvd_export.backends.{TARGETS[target]}.cli")
 
 
+class _RecordingGroup:
+    """An argument group that remembers the actions added to it (argparse keeps its own list private)."""
+
+    def __init__(self, group) -> None:
+        self.group = group
+        self.actions: list[argparse.Action] = []
+
+    def add_argument(self, *args, **kwargs) -> argparse.Action:
+        action = self.group.add_argument(*args, **kwargs)
+        self.actions.append(action)
+        return action
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "export", help="lower a model folder to ONNX or GGUF",
@@ -45,9 +58,9 @@ def add_parser(sub) -> None:
                    help="4-bit weights rounded plainly (gguf-py's / onnxruntime's quantizer), no importance pass")
     options = {}
     for target in TARGETS:
-        group = p.add_argument_group(f"{target} options")
+        group = _RecordingGroup(p.add_argument_group(f"{target} options"))
         _backend_cli(target).add_export_arguments(group)
-        options[target] = [(a.dest, a.default, a.option_strings[0]) for a in group._group_actions]
+        options[target] = [(a.dest, a.default, a.option_strings[0]) for a in group.actions]
     p.set_defaults(func=_run, target_options=options)
 
 

@@ -22,7 +22,6 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -98,11 +97,8 @@ def export_target(model_dir: Path, dest: Path, target: Target, calib: str | None
 
         return export_onnx(model_dir, dest, **{"kv_cache": None, **opts}, imatrix_calib=imatrix, text_field=text_field)
     from ..backends.gguf.writer import export_gguf
-    from ..channel_importance import measure
 
-    # export_gguf runs it only for Q4_0 tensors
-    importance = partial(measure, model_dir, imatrix, text_field=text_field) if imatrix else None
-    s = export_gguf(model_dir, dest, quiet=True, importance=importance, **opts)
+    s = export_gguf(model_dir, dest, quiet=True, **opts, imatrix_calib=imatrix, text_field=text_field)
     return {"format": "gguf", **profile.export, "size_bytes": s.size_bytes, "n_tensors": s.n_tensors,
             "n_lowrank": s.n_lowrank, "n_dense": s.n_dense, "fallbacks": s.fallbacks,
             "importance_weighted_tensors": s.n_weighted, "importance": s.importance or None}

@@ -23,16 +23,12 @@ def run_export(args) -> int:
     import logging
 
     logging.getLogger("gguf").setLevel(logging.WARNING)
-    from functools import partial
+    from ...channel_importance import calibration_text
 
-    from ...channel_importance import calibration_text, measure
-
-    text = calibration_text(args.imatrix_calib, not args.no_imatrix)
-    # export_gguf runs it only for Q4_0 tensors, once the inputs are checked
-    importance = partial(measure, args.model_dir, text, args.imatrix_samples, 512) if text else None
     export_gguf(args.model_dir, args.output, factor_type=args.factor_type,
-                embed_type=args.embed_type, overwrite=args.overwrite, kv_cache=args.kv_cache,
-                importance=importance, a_type=args.a_type)
+                embed_type=args.embed_type, overwrite=args.overwrite, kv_cache=args.kv_cache, a_type=args.a_type,
+                imatrix_calib=calibration_text(args.imatrix_calib, not args.no_imatrix),
+                imatrix_samples=args.imatrix_samples)
     return 0
 
 

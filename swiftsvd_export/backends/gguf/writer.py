@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -200,14 +199,15 @@ def _gguf_py_logs(level: int | None):
 
 def export_gguf(model_dir: str | Path, output: str | Path, factor_type: str = "f16",
                 embed_type: str = "f16", overwrite: bool = False, quiet: bool = False,
-                kv_cache: str | None = None,
-                importance: Importance | Callable[[], Importance] | None = None,
-                a_type: str | None = None) -> ExportSummary:
+                kv_cache: str | None = None, a_type: str | None = None,
+                imatrix_calib: str | Path | None = None, imatrix_samples: int = 16, text_field: str = "text",
+                importance: Importance | None = None) -> ExportSummary:
     """Write the GGUF; ``kv_cache`` None picks ``latent_kv.default_layout``; ``a_type`` (default
     ``factor_type``) is the type of the A factors, ``factor_type`` that of B and of dense block
-    weights (A is the more sensitive factor: README, "Q4_0 factors"). With ``importance``
-    (``channel_importance.measure``'s result, or a function returning it, called once the inputs are checked),
-    every Q4_0 block weight is quantized by ggml, its rounding weighted by its inputs' E[x²]."""
+    weights (A is the more sensitive factor: README, "Q4_0 factors").
+    ``imatrix_calib`` (as in ``export_onnx``): with Q4_0 factors or A, a calibration text whose E[x²]
+    per input channel weights ggml's rounding of every Q4_0 block weight, measured once the inputs are
+    checked; ``importance`` passes one already measured (``channel_importance.measure``) instead."""
     import gguf
 
     folder = Path(model_dir)
@@ -251,11 +251,15 @@ def export_gguf(model_dir: str | Path, output: str | Path, factor_type: str = "f
     factor_q, a_q, embed_q = qtypes[factor_type], qtypes[a_type], qtypes[embed_type]
     F16 = qtypes["f16"]
     quantizer = None
-    if importance is not None and qtypes["q4_0"] in (factor_q, a_q):
+    if (importance is not None or imatrix_calib is not None) and qtypes["q4_0"] in (factor_q, a_q):
         check_output(Path(output), overwrite)  # before the importance pass, not after it
         quantizer = GGMLQuantizer.from_build()
-        if callable(importance):
-            importance = importance()
+        if importance is None:
+            from ...channel_importance import measure
+
+            importance = measure(folder, imatrix_calib, imatrix_samples, 512, text_field=text_field)
+    else:
+        importance = None
 
     output = Path(output)
     with atomic_file(output, overwrite) as tmp, _gguf_py_logs(logging.WARNING if quiet else None):
