@@ -48,20 +48,23 @@ def make_tokenizer(folder: Path):
     return fast
 
 
-@pytest.fixture(scope="module")
-def lowrank_dir(tmp_path_factory) -> Path:
+def tiny_lowrank_folder(folder: Path, ranks: dict[str, int], seed: int = 0) -> Path:
+    """A tiny random Llama (GQA, tied embeddings) with ``ranks`` factorized, saved with its tokenizer."""
     from transformers import LlamaConfig
 
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny") / "lowrank"
-    folder.mkdir()
+    torch.manual_seed(seed)
+    folder.mkdir(parents=True)
     tok = make_tokenizer(folder)
     cfg = LlamaConfig(vocab_size=512, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
                       num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, tie_word_embeddings=True,
                       max_position_embeddings=256, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    model = lowrank_llama(cfg, RANKS)
-    save_lowrank(model, folder, dtype="fp32", tokenizer=tok)
+    save_lowrank(lowrank_llama(cfg, ranks), folder, dtype="fp32", tokenizer=tok)
     return folder
+
+
+@pytest.fixture(scope="module")
+def lowrank_dir(tmp_path_factory) -> Path:
+    return tiny_lowrank_folder(tmp_path_factory.mktemp("tiny") / "lowrank", RANKS)
 
 
 @pytest.fixture(scope="module")

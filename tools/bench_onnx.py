@@ -25,10 +25,14 @@ all models, which multiplies grouped queries against the cached K/V where optimu
 expands K and V per query head every step (a cost compression does not shrink).
 ``--kv-cache latent-v`` gives the compressed models the V-latent cache that ``export`` writes by
 default for them (the dense model keeps its dense cache; its bytes per position count in the target).
+``--stack-a on|both`` exports the compressed models with ``export --stack-a`` (one MatMul for the A
+factors of q/k/v and one for gate/up); ``both`` measures each ratio with and without it in the same
+children, side by side.
 
     python tools/bench_onnx.py --out bench_onnx.json              # ~10 min on 2 busy cores
     python tools/bench_onnx.py --threads 1 --decode-steps 8        # shorter
     python tools/bench_onnx.py --graph optimum --out bench_onnx_optimum.json
+    python tools/bench_onnx.py --stack-a both --reps 4 --decode-steps 32
 """
 from __future__ import annotations
 
@@ -172,6 +176,10 @@ def main() -> int:
     ap.add_argument("--kv-cache", choices=("dense", "latent-v"), default="dense",
                     help="the compressed models' cache (traced graph only): dense (default) or latent-v, "
                          "what `export` ships for a model whose v_proj is factorized everywhere")
+    ap.add_argument("--stack-a", choices=("off", "on", "both"), default="off",
+                    help="the compressed models' A factors of q/k/v and gate/up as one MatMul each "
+                         "(`export --stack-a`): off (default), on, or both (each ratio twice, side by side; "
+                         "the fit uses the unstacked ones)")
     ap.add_argument("--work", default="bench_onnx_work", help="folder for the exported graphs (reused)")
     ap.add_argument("--out", default="bench_onnx.json")
     ap.add_argument("--separate", action="store_true",
@@ -200,9 +208,11 @@ def main() -> int:
     work = Path(a.work)
     work.mkdir(exist_ok=True)
     given = dict(c.split("=", 1) for c in a.compressed)
-    variants = [("dense", None)] + [(f"r{r}", float(r)) for r in a.ratios.split(",")]
+    stacks = {"off": [False], "on": [True], "both": [False, True]}[a.stack_a]
+    variants = [("dense", None, False)] + [(f"r{r}" + ("+stack-a" if st else ""), float(r), st)
+                                           for r in a.ratios.split(",") for st in stacks]
     summaries, folders = {}, {}
-    for name, ratio in variants:
+    for name, ratio, stack_a in variants:
         kv_cache = a.kv_cache if ratio is not None else "dense"
         dst = folders[name] = work / (name if a.graph == "optimum" else
                                       f"{name}-traced" + ("" if kv_cache == "dense" else f"-{kv_cache}"))
@@ -213,12 +223,13 @@ def main() -> int:
             if ratio is not None and src is None:
                 svd_compress(model, ratio)
             export_onnx(src or f"smollm2-135m (truncated SVD r={ratio})" if ratio else "smollm2-135m", dst,
-                        model=model, tokenizer=tok, overwrite=True, graph=a.graph, kv_cache=kv_cache)
+                        model=model, tokenizer=tok, overwrite=True, graph=a.graph, kv_cache=kv_cache,
+                        stack_a=stack_a)
             print(f"exported {name} in {time.time() - t:.0f}s", file=sys.stderr)
         summaries[name] = json.loads((dst / "summary.json").read_text())
 
     rows = []
-    for name, _ in variants:
+    for name, _, stack_a in variants:
         s = summaries[name]
         wbytes = sum(s["initializer_bytes"].values())
         kv_per_position = s["kv_cache"]["bytes_per_token_fp32"]  # this graph's own layout
@@ -226,7 +237,7 @@ def main() -> int:
             m = _run_child(["--child", str(folders[name]), str(th)], th, a)
             rows.append({"model": name, "threads": th, "file_mb": s["files"]["onnx_bytes"] / 1e6,
                          "weight_bytes": wbytes, "kv_bytes_per_position": kv_per_position,
-                         "factorized": s["factorized_linears"], **m})
+                         "factorized": s["factorized_linears"], "stack_a": stack_a, **m})
             print(f"  {name} t={th}: {m}", file=sys.stderr)
 
     if not a.separate:  # decode speeds from one child alternating the models (the separate runs are kept)
@@ -249,19 +260,19 @@ def main() -> int:
             r[f"speedup@{ctx}"] = r[f"decode_tok_s@{ctx}"] / d[f"decode_tok_s@{ctx}"]
             r[f"target_met@{ctx}"] = r[f"speedup@{ctx}"] >= r[f"target_speedup@{ctx}"]
 
-    head = (f"{'model':7} {'thr':>3} {'file MB':>8} {'wt MB':>7} {'prefill t/s':>11} "
+    head = (f"{'model':13} {'thr':>3} {'file MB':>8} {'wt MB':>7} {'prefill t/s':>11} "
             + " ".join(f"{'dec@' + str(c):>9}" for c in contexts)
             + " " + " ".join(f"{'spd@' + str(c):>8}" for c in contexts)
             + " " + " ".join(f"{'tgt@' + str(c):>8}" for c in contexts) + f" {'RSS MB':>7}")
     print(head)
     for r in rows:
-        print(f"{r['model']:7} {r['threads']:>3} {r['file_mb']:>8.1f} {r['weight_bytes'] / 1e6:>7.1f} "
+        print(f"{r['model']:13} {r['threads']:>3} {r['file_mb']:>8.1f} {r['weight_bytes'] / 1e6:>7.1f} "
               f"{r['prefill_tok_s']:>11.1f} "
               + " ".join(f"{r[f'decode_tok_s@{c}']:>9.1f}" for c in contexts) + " "
               + " ".join(f"{r[f'speedup@{c}']:>8.2f}" for c in contexts) + " "
               + " ".join(f"{r[f'target_speedup@{c}']:>8.2f}" for c in contexts)
               + f" {r['peak_rss_mb']:>7.0f}")
-    meta = {"graph": a.graph, "kv_cache_compressed": a.kv_cache, "decode_speeds": "separate children" if a.separate else "interleaved in one child", "cpu_count": os.cpu_count(), "load_avg_at_end": os.getloadavg(), "prefill": a.prefill,
+    meta = {"graph": a.graph, "kv_cache_compressed": a.kv_cache, "stack_a": a.stack_a, "decode_speeds": "separate children" if a.separate else "interleaved in one child", "cpu_count": os.cpu_count(), "load_avg_at_end": os.getloadavg(), "prefill": a.prefill,
             "contexts": contexts, "decode_steps": a.decode_steps, "reps": a.reps,
             "compressed_source": given or "truncated SVD in tools/bench_onnx.py"}
     Path(a.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")

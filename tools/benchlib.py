@@ -56,6 +56,8 @@ def fits_of_results(path: str | Path) -> list[dict]:
     contexts = sorted({int(k.split("@")[1]) for k in rows[0] if k.startswith("decode_tok_s@")})
     cells: dict[tuple, list[dict]] = {}
     for r in rows:
+        if r.get("stack_a"):  # bench_onnx.py --stack-a both: the same bytes as an unstacked row, another graph
+            continue
         key = tuple(r.get(k, "-") for k in CELL)  # bench_onnx.py rows have threads only
         cells.setdefault(key, []).append(r)
     fits = []

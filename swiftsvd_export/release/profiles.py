@@ -5,7 +5,7 @@ Profile file::
 
     description = "..."
     format = "onnx" | "gguf"
-    [export]          # onnx: precision, quantize, block_size, accuracy_level, mobile, imatrix; gguf: factor_type, a_type,
+    [export]          # onnx: precision, quantize, block_size, accuracy_level, mobile, imatrix, stack_a; gguf: factor_type, a_type,
                       # embed_type, imatrix (4-bit weights weighted by the release's calibration; default true);
                       # both: kv_cache (default: latent-v when v_proj is factorized everywhere, else dense)
     [requires]        # rank_multiple: compress ranks must be a multiple of it (quantization blocks)
@@ -29,7 +29,7 @@ PROFILE_SCHEMA = {"description": str, "format": FORMATS, "export": dict, "requir
 EXPORT_SCHEMA = {
     "onnx": {"precision": PRECISIONS, "quantize": QUANTIZE, "block_size": int, "accuracy_level": int, "mobile": bool,
              "kv_cache": KV_LAYOUTS,
-             "graph": ONNX_GRAPHS, "imatrix": bool},
+             "graph": ONNX_GRAPHS, "imatrix": bool, "stack_a": bool},
     "gguf": {"factor_type": FACTOR_TYPES, "a_type": FACTOR_TYPES, "embed_type": EMBED_TYPES, "kv_cache": KV_LAYOUTS,
              "imatrix": bool},
 }

@@ -25,6 +25,10 @@ def add_export_arguments(group) -> None:
                             "(8-17x slower decode on SmolLM2)")
     group.add_argument("--mobile", action="store_true",
                        help="also write the ORT format (.ort) and a reduced-operator config")
+    group.add_argument("--stack-a", action="store_true",
+                       help="one MatMul for the A factors of the linears that read one input (q/k/v, "
+                            "gate/up), split by their ranks: the same latents, fewer and wider kernels "
+                            "(faster decode with 2+ threads); each linear is still B·(A·x)")
     group.add_argument("--onnx-graph", default=None, metavar="{traced,optimum}",
                        help="who writes the decoder graph: traced (the project's torch reference, lean; "
                             "the default for Llama-family models, and needed by a latent cache) or optimum "
@@ -48,7 +52,7 @@ def run_export(args) -> int:
                 block_size=args.block_size, mobile=args.mobile, overwrite=args.overwrite,
                 accuracy_level=getattr(args, "accuracy_level", None),
                 kv_cache=getattr(args, "kv_cache", None),  # None: latent-v when v_proj is factorized everywhere
-                graph=getattr(args, "onnx_graph", None))
+                graph=getattr(args, "onnx_graph", None), stack_a=getattr(args, "stack_a", False))
     return 0
 
 

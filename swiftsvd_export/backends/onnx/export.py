@@ -30,8 +30,9 @@ from ...architectures import spec_for
 from ...errors import SwiftSVDError
 from ...latent_kv import LAYOUTS, check_layout, default_layout, kv_bytes_per_token
 from .cli import GRAPHS, PRECISIONS, QUANTIZE
-from .graph import PairReport, check_pairs, initializer_bytes, onnx_prefix, ort_optimized, shape_counts
+from .graph import STACK_SCOPE, PairReport, check_pairs, initializer_bytes, onnx_prefix, ort_optimized, shape_counts
 from .latent_export import METADATA_KEY, check_latent_pairs, export_traced_graph, write_layout
+from .stack import stack_a_factors
 from .quantize import (DEFAULT_ACCURACY_LEVEL, check_accuracy_level, check_block_size, quantize_int8_dynamic,
                        quantize_nbits, save_model, to_fp16, weighted_q4_quantizer)
 
@@ -199,7 +200,7 @@ def export_onnx(model_dir: str | Path, output: str | Path, precision: str = "fp3
                 block_size: int | None = None, mobile: bool = False, overwrite: bool = False,
                 opset: int | None = None, model=None, tokenizer=None, kv_cache: str | None = "dense",
                 graph: str | None = None, imatrix_calib: str | Path | None = None, imatrix_samples: int = 16,
-                text_field: str = "text", accuracy_level: int | None = None) -> dict:
+                text_field: str = "text", accuracy_level: int | None = None, stack_a: bool = False) -> dict:
     """Export ``model_dir`` to the folder ``output``; returns the summary written to summary.json.
 
     ``kv_cache`` picks the cache layout (``latent_kv.LAYOUTS``); a latent layout on a model whose
@@ -215,6 +216,8 @@ def export_onnx(model_dir: str | Path, output: str | Path, precision: str = "fp3
     ``imatrix_calib``: with int4 / int4-a8, a calibration text whose E[x²] per input channel weights
     the 4-bit rounding (``quantize.weight_q4_nodes``).
     ``accuracy_level``: MatMulNBits' compute (``quantize.ACCURACY_LEVELS``; None: 4, int8 activations).
+    ``stack_a``: one MatMul for the A factors of the linears that read one input (q/k/v, gate/up),
+    split by their ranks (``stack.py``).
     """
     import onnx
 
@@ -261,7 +264,8 @@ def export_onnx(model_dir: str | Path, output: str | Path, precision: str = "fp3
         quant_info: dict = {"mode": "none"}
         proto = onnx.load(str(raw))
         fused_head = fuse_tied_head(proto)
-        if fused_head:
+        stacked = stack_a_factors(proto) if stack_a else 0
+        if fused_head or stacked:
             for p in raw_dir.iterdir():
                 if p.name.startswith("model.onnx"):
                     p.unlink()
@@ -272,7 +276,8 @@ def export_onnx(model_dir: str | Path, output: str | Path, precision: str = "fp3
         elif quantize in NBITS_MODES:
             quant_info = quantize_nbits(raw, final, bits=int(quantize[3]), block_size=block_size,
                                         a_bits=8 if quantize == "int4-a8" else None,
-                                        a_prefixes=tuple(onnx_prefix(m) + "A/" for m in factors),
+                                        a_prefixes=tuple(onnx_prefix(m) + "A/" for m in factors)
+                                        + tuple({onnx_prefix(m).rsplit("/", 2)[0] + f"/{STACK_SCOPE}/" for m in factors}),
                                         importance=importance, quantizer=quantizer,
                                         accuracy_level=accuracy_level or DEFAULT_ACCURACY_LEVEL)
         elif precision == "fp16":
@@ -309,7 +314,7 @@ def export_onnx(model_dir: str | Path, output: str | Path, precision: str = "fp3
             "model_type": config.model_type, "num_hidden_layers": config.num_hidden_layers,
             "precision": precision, "quantization": quant_info,
             "lowrank": bool(factors), "factorized_linears": len(factors),
-            "tied_head_as_fusedmatmul": bool(fused_head),
+            "tied_head_as_fusedmatmul": bool(fused_head), "stacked_a_groups": stacked,
             "ranks": ranks,
             "kv_cache": {"layout": kv_cache, "metadata_key": METADATA_KEY,
                          "bytes_per_token_fp32": kv_bytes_per_token(config, ranks, kv_cache),

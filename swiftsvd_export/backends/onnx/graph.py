@@ -10,9 +10,11 @@ The checks read the weight operand of every MatMul-family node:
 
 A factorized linear ``W ≈ B·A`` (A: k x in, B: out x k) must appear as one node of shape
 (in, k) under ``<module>/A/`` and one of shape (k, out) under ``<module>/B/``, with nothing of
-shape (in, out) under the module (that would be a re-densified weight). The same check runs on
-the model onnxruntime writes after ``ORT_ENABLE_ALL`` optimization, so a fusion that merged
-the pair would be caught.
+shape (in, out) under the module (that would be a re-densified weight). With ``--stack-a``
+(``stack.py``) the A factors of linears reading one input are a single node of shape
+(in, k_1 + k_2 + ...) under ``<parent>/stacked_A/<m1>+<m2>+.../``, split by their ranks: it counts
+as each member's A. The same check runs on the model onnxruntime writes after ``ORT_ENABLE_ALL``
+optimization, so a fusion that merged the pair would be caught.
 """
 from __future__ import annotations
 
@@ -22,11 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
-from onnx import numpy_helper  # noqa: F401  (kept for callers inspecting weights)
+from onnx import numpy_helper
 
 MATMUL_OPS = {"MatMul", "FusedMatMul", "MatMulInteger", "MatMulIntegerToFloat",
               "DynamicQuantizeMatMul", "MatMulNBits", "Gemm"}
 _PASS_THROUGH = {"Cast", "DequantizeLinear", "Identity"}
+
+STACK_SCOPE = "stacked_A"  # node scope of A factors stacked by stack.py
 
 DTYPE_NAMES = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16",
                onnx.TensorProto.BFLOAT16: "bf16", onnx.TensorProto.INT8: "int8",
@@ -111,8 +115,50 @@ def matmul_weights(model: onnx.ModelProto) -> list[WeightInfo]:
     return out
 
 
-def check_pairs(model: onnx.ModelProto | str | Path, factors: dict[str, tuple[int, int, int]]) -> PairReport:
-    """Check every factorized linear. ``factors`` maps module name -> (in_features, out_features, rank)."""
+def stacked_members(node: str) -> tuple[str, list[str]] | None:
+    """(parent scope, the members' short module names) of a stacked A node, else None."""
+    i = node.find(f"/{STACK_SCOPE}/")
+    if i < 0:
+        return None
+    return node[:i + 1], node[i + len(STACK_SCOPE) + 2:].split("/", 1)[0].split("+")
+
+
+def _split_sizes(model: onnx.ModelProto, node: str) -> list[int] | None:
+    """The sizes of the Split that follows a stacked A node (its ``split`` input, a constant)."""
+    scope = node[:node.find(f"/{STACK_SCOPE}/") + len(STACK_SCOPE) + 2]
+    scope += node[len(scope):].split("/", 1)[0] + "/"
+    inits = {i.name: i for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Split" and n.name.startswith(scope) and len(n.input) > 1 and n.input[1] in inits:
+            return [int(v) for v in numpy_helper.to_array(inits[n.input[1]])]
+    return None
+
+
+def a_factor(model: onnx.ModelProto, weights: list[WeightInfo], name: str,
+             factors: dict[str, tuple[int, int, int]]) -> tuple[list[WeightInfo], tuple[int, int], str]:
+    """(the A node(s) found for linear ``name``, the shape its A must have, a problem or ""): its own
+    ``<module>/A/`` node, or the stacked node that lists it, whose Split must give it its rank."""
+    fin, _, k = factors[name]
+    prefix = onnx_prefix(name)
+    own = [w for w in weights if f"{prefix}A/" in w.node]
+    if own:
+        return own, (fin, k), ""
+    parent, short = prefix[:-1].rsplit("/", 1)
+    stacked = [w for w in weights if (m := stacked_members(w.node)) and m[0] == parent + "/" and short in m[1]]
+    if len(stacked) != 1:
+        return stacked, (fin, k), ""
+    members = stacked_members(stacked[0].node)[1]
+    by_prefix = {onnx_prefix(n): f for n, f in factors.items()}
+    ranks = [by_prefix.get(f"{parent}/{m}/", (0, 0, 0))[2] for m in members]
+    sizes = _split_sizes(model, stacked[0].node)
+    problem = "" if sizes == ranks else f"{name}: stacked A split {sizes}, expected the ranks {ranks}"
+    return stacked, (fin, sum(ranks)), problem
+
+
+def check_pairs(model: onnx.ModelProto | str | Path, factors: dict[str, tuple[int, int, int]],
+                names: set[str] | None = None) -> PairReport:
+    """Check every factorized linear (or those in ``names``). ``factors`` maps module name ->
+    (in_features, out_features, rank)."""
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model), load_external_data=False)
     weights = matmul_weights(model)
@@ -120,14 +166,18 @@ def check_pairs(model: onnx.ModelProto | str | Path, factors: dict[str, tuple[in
     dtypes: Counter = Counter()
     found = 0
     for name, (fin, fout, k) in sorted(factors.items()):
+        if names is not None and name not in names:
+            continue
         prefix = onnx_prefix(name)
         mine = [w for w in weights if prefix in w.node]
-        a = [w for w in mine if f"{prefix}A/" in w.node]
+        a, a_shape, a_problem = a_factor(model, weights, name, factors)
         b = [w for w in mine if f"{prefix}B/" in w.node]
         dense = [w for w in mine if w.shape == (fin, fout)]
-        ok = True
-        if len(a) != 1 or a[0].shape != (fin, k):
-            problems.append(f"{name}: A factor: expected one MatMul of shape {(fin, k)}, "
+        ok = not a_problem
+        if a_problem:
+            problems.append(a_problem)
+        if len(a) != 1 or a[0].shape != a_shape:
+            problems.append(f"{name}: A factor: expected one MatMul of shape {a_shape}, "
                             f"found {[(w.op, w.shape) for w in a]}")
             ok = False
         if len(b) != 1 or b[0].shape != (k, fout):
@@ -137,15 +187,17 @@ def check_pairs(model: onnx.ModelProto | str | Path, factors: dict[str, tuple[in
         if dense:
             problems.append(f"{name}: re-densified weight of shape {(fin, fout)} found")
             ok = False
-        if len(mine) != 2:
-            problems.append(f"{name}: expected exactly 2 MatMul-family nodes, found {len(mine)}")
+        n_nodes = len(mine) + (1 if a and a[0] not in mine else 0)  # a stacked A is not under the module
+        if n_nodes != 2:
+            problems.append(f"{name}: expected exactly 2 MatMul-family nodes, found {n_nodes}")
             ok = False
         if ok:
             found += 1
             for w in a + b:
                 dtypes[w.dtype or "?"] += 1
     counts = Counter(n.op_type for n in model.graph.node)
-    return PairReport(ok=not problems, n_factorized=len(factors), n_pairs_found=found, problems=problems,
+    return PairReport(ok=not problems, n_factorized=len(factors if names is None else names), n_pairs_found=found,
+                      problems=problems,
                       weight_dtypes=dict(dtypes), op_counts=dict(counts.most_common()),
                       matmul_nodes=sum(v for k, v in counts.items() if k in MATMUL_OPS))
 
@@ -156,7 +208,15 @@ def shape_counts(model: onnx.ModelProto, factors: dict[str, tuple[int, int, int]
     for fin, fout, k in factors.values():
         expected[(fin, k)] += 1
         expected[(k, fout)] += 1
-    have = Counter(w.shape for w in matmul_weights(model) if w.shape in expected)
+    weights = matmul_weights(model)
+    by_prefix = {onnx_prefix(n): f for n, f in factors.items()}
+    for w in weights:  # a stacked A stands for its members' A's
+        if (m := stacked_members(w.node)) and all(f"{m[0]}{s}/" in by_prefix for s in m[1]):
+            members = [by_prefix[f"{m[0]}{s}/"] for s in m[1]]
+            expected.subtract((fin, k) for fin, _, k in members)
+            expected[(members[0][0], sum(k for _, _, k in members))] += 1
+    expected = +expected
+    have = Counter(w.shape for w in weights if w.shape in expected)
     return {"expected": sum(expected.values()),
             "found": sum(min(have[s], c) for s, c in expected.items()),
             "missing_shapes": sorted(f"{s[0]}x{s[1]}" for s, c in expected.items() if have[s] < c)}

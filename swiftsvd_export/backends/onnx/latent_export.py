@@ -28,7 +28,7 @@ import torch
 
 from ...errors import SwiftSVDError
 from ...latent_kv import LatentLlama, head_dim
-from .graph import DTYPE_NAMES, PairReport, check_pairs, matmul_weights, onnx_prefix
+from .graph import DTYPE_NAMES, PairReport, a_factor, check_pairs, matmul_weights, onnx_prefix
 from .quantize import save_model
 
 METADATA_KEY = "swiftsvd.kv_cache"
@@ -136,7 +136,7 @@ def _weight(model: onnx.ModelProto, node: onnx.NodeProto) -> onnx.TensorProto | 
 def check_latent_pairs(model: onnx.ModelProto, factors: dict[str, tuple[int, int, int]], config) -> PairReport:
     """``check_pairs`` for a latent graph: v_proj's B is one batched MatMul on (kv_heads, k, head_dim)."""
     v_names = {n for n in factors if n.endswith(".self_attn.v_proj")}
-    report = check_pairs(model, {n: f for n, f in factors.items() if n not in v_names})
+    report = check_pairs(model, factors, names=set(factors) - v_names)
     report.n_factorized = len(factors)
     kv_heads, hd = int(config.num_key_value_heads), head_dim(config)
     weights = matmul_weights(model)
@@ -147,15 +147,16 @@ def check_latent_pairs(model: onnx.ModelProto, factors: dict[str, tuple[int, int
         # MatMuls under v_proj with a constant weight (softmax(QKᵀ)·latent also runs under v_proj)
         mine = [w for w in weights if prefix in w.node
                 and (w.shape is not None or _weight(model, nodes[w.node]) is not None)]
-        a = [w for w in mine if f"{prefix}A/" in w.node and w.shape == (fin, k)]
+        a, a_shape, a_problem = a_factor(model, weights, name, factors)
+        a = [w for w in a if w.shape == a_shape]
         b = [init for w in mine if f"{prefix}B/" in w.node and w.op == "MatMul"
              and (init := _weight(model, nodes[w.node])) is not None and tuple(init.dims) == (kv_heads, k, hd)]
-        if len(a) == 1 and len(b) == 1 and len(mine) == 2:
+        if len(a) == 1 and len(b) == 1 and len(mine) + (a[0] not in mine) == 2 and not a_problem:
             report.n_pairs_found += 1
             for dtype in (a[0].dtype, DTYPE_NAMES.get(b[0].data_type, str(b[0].data_type))):
                 report.weight_dtypes[dtype or "?"] = report.weight_dtypes.get(dtype or "?", 0) + 1
         else:
-            report.problems.append(f"{name}: expected an A MatMul {(fin, k)} and a per-head B MatMul "
+            report.problems.append(a_problem or f"{name}: expected an A MatMul {a_shape} and a per-head B MatMul "
                                    f"{(kv_heads, k, hd)}, found {[(w.node, w.shape) for w in mine]}")
     report.ok = not report.problems
     return report

@@ -29,7 +29,7 @@ from onnx import numpy_helper
 
 from ...channel_importance import LATENT, Importance
 from ...errors import SwiftSVDError
-from .graph import matmul_weights, onnx_prefix
+from .graph import matmul_weights, onnx_prefix, stacked_members
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,9 @@ def q4_0_as_nbits(q4: np.ndarray, n: int, k: int) -> tuple[np.ndarray, np.ndarra
 def importance_key(node: str, prefixes: dict[str, str]) -> str | None:
     """The ``channel_importance`` key of a MatMul node's input (``prefixes``: node-name prefix -> module):
     a factor's A reads the module's input, its B the latent, a dense linear (``<module>/MatMul``) the
-    module's input."""
+    module's input, a stacked A (``stack.py``) its members' shared input."""
+    if (stacked := stacked_members(node)) is not None:
+        return prefixes.get(f"{stacked[0]}{stacked[1][0]}/")
     for p, m in prefixes.items():
         if node.startswith(p + "A/") or node == p + "MatMul":
             return m
