@@ -83,7 +83,8 @@ def test_stacked_quantized_graphs(folder, tmp_path):
 
 
 def test_check_catches_a_wrong_split(folder, tmp_path):
-    export_onnx(folder, tmp_path / "s", kv_cache="dense", stack_a=True)
+    s = export_onnx(folder, tmp_path / "s", kv_cache="dense", stack_a=True, mobile=True)
+    assert (tmp_path / "s" / s["mobile"]["ort_file"]).is_file() and "Split" in json.dumps(s["mobile"]["operators"])
     model = onnx.load(str(tmp_path / "s" / "model.onnx"))
     assert check_pairs(model, FACTORS).ok
     assert check_pairs(ort_optimized(tmp_path / "s" / "model.onnx"), FACTORS).ok
