@@ -258,8 +258,6 @@ def export_gguf(model_dir: str | Path, output: str | Path, factor_type: str = "f
             from ...channel_importance import measure
 
             importance = measure(folder, imatrix_calib, imatrix_samples, 512, text_field=text_field)
-    else:
-        importance = None
 
     output = Path(output)
     with atomic_file(output, overwrite) as tmp, _gguf_py_logs(logging.WARNING if quiet else None):

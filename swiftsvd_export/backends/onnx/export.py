@@ -30,11 +30,11 @@ from ...architectures import spec_for
 from ...errors import SwiftSVDError
 from ...latent_kv import LAYOUTS, check_layout, default_layout, kv_bytes_per_token
 from .cli import GRAPHS, PRECISIONS, QUANTIZE
-from .graph import STACK_SCOPE, PairReport, check_pairs, initializer_bytes, onnx_prefix, ort_optimized, shape_counts
+from .graph import PairReport, check_pairs, initializer_bytes, onnx_prefix, ort_optimized, shape_counts
 from .latent_export import METADATA_KEY, check_latent_pairs, export_traced_graph, write_layout
-from .stack import stack_a_factors
 from .quantize import (DEFAULT_ACCURACY_LEVEL, check_accuracy_level, check_block_size, quantize_int8_dynamic,
                        quantize_nbits, save_model, to_fp16, weighted_q4_quantizer)
+from .stack import stack_a_factors
 
 log = logging.getLogger(__name__)
 
@@ -276,8 +276,7 @@ def export_onnx(model_dir: str | Path, output: str | Path, precision: str = "fp3
         elif quantize in NBITS_MODES:
             quant_info = quantize_nbits(raw, final, bits=int(quantize[3]), block_size=block_size,
                                         a_bits=8 if quantize == "int4-a8" else None,
-                                        a_prefixes=tuple(onnx_prefix(m) + "A/" for m in factors)
-                                        + tuple({onnx_prefix(m).rsplit("/", 2)[0] + f"/{STACK_SCOPE}/" for m in factors}),
+                                        a_prefixes=tuple(onnx_prefix(m) + "A/" for m in factors),
                                         importance=importance, quantizer=quantizer,
                                         accuracy_level=accuracy_level or DEFAULT_ACCURACY_LEVEL)
         elif precision == "fp16":

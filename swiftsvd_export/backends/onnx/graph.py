@@ -116,28 +116,31 @@ def matmul_weights(model: onnx.ModelProto) -> list[WeightInfo]:
 
 
 def stacked_members(node: str) -> tuple[str, list[str]] | None:
-    """(parent scope, the members' short module names) of a stacked A node, else None."""
+    """(parent scope, the members' short module names) of a stacked A node or its Split, else None."""
     i = node.find(f"/{STACK_SCOPE}/")
     if i < 0:
         return None
     return node[:i + 1], node[i + len(STACK_SCOPE) + 2:].split("/", 1)[0].split("+")
 
 
-def _split_sizes(model: onnx.ModelProto, node: str) -> list[int] | None:
-    """The sizes of the Split that follows a stacked A node (its ``split`` input, a constant)."""
-    scope = node[:node.find(f"/{STACK_SCOPE}/") + len(STACK_SCOPE) + 2]
-    scope += node[len(scope):].split("/", 1)[0] + "/"
+def stack_scope(parent: str, members: list[str]) -> str:
+    """The node scope of the stacked A (and its Split) of ``members`` under ``parent``."""
+    return f"{parent}{STACK_SCOPE}/{'+'.join(members)}/"
+
+
+def stack_splits(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """The sizes of every stacked A's Split (its constant ``split`` input), by ``stack_scope``."""
     inits = {i.name: i for i in model.graph.initializer}
-    for n in model.graph.node:
-        if n.op_type == "Split" and n.name.startswith(scope) and len(n.input) > 1 and n.input[1] in inits:
-            return [int(v) for v in numpy_helper.to_array(inits[n.input[1]])]
-    return None
+    return {stack_scope(*m): [int(v) for v in numpy_helper.to_array(inits[n.input[1]])]
+            for n in model.graph.node
+            if n.op_type == "Split" and (m := stacked_members(n.name)) and len(n.input) > 1 and n.input[1] in inits}
 
 
-def a_factor(model: onnx.ModelProto, weights: list[WeightInfo], name: str,
-             factors: dict[str, tuple[int, int, int]]) -> tuple[list[WeightInfo], tuple[int, int], str]:
+def a_factor(weights: list[WeightInfo], name: str, factors: dict[str, tuple[int, int, int]],
+             splits: dict[str, list[int]]) -> tuple[list[WeightInfo], tuple[int, int], str]:
     """(the A node(s) found for linear ``name``, the shape its A must have, a problem or ""): its own
-    ``<module>/A/`` node, or the stacked node that lists it, whose Split must give it its rank."""
+    ``<module>/A/`` node, or the stacked node that lists it, whose Split (``splits``, from
+    ``stack_splits``) must give every member its rank."""
     fin, _, k = factors[name]
     prefix = onnx_prefix(name)
     own = [w for w in weights if f"{prefix}A/" in w.node]
@@ -147,10 +150,10 @@ def a_factor(model: onnx.ModelProto, weights: list[WeightInfo], name: str,
     stacked = [w for w in weights if (m := stacked_members(w.node)) and m[0] == parent + "/" and short in m[1]]
     if len(stacked) != 1:
         return stacked, (fin, k), ""
-    members = stacked_members(stacked[0].node)[1]
-    by_prefix = {onnx_prefix(n): f for n, f in factors.items()}
-    ranks = [by_prefix.get(f"{parent}/{m}/", (0, 0, 0))[2] for m in members]
-    sizes = _split_sizes(model, stacked[0].node)
+    members = stacked_members(stacked[0].node)
+    module = name.rsplit(".", 1)[0]
+    ranks = [factors.get(f"{module}.{m}", (0, 0, 0))[2] for m in members[1]]
+    sizes = splits.get(stack_scope(*members))
     problem = "" if sizes == ranks else f"{name}: stacked A split {sizes}, expected the ranks {ranks}"
     return stacked, (fin, sum(ranks)), problem
 
@@ -162,6 +165,7 @@ def check_pairs(model: onnx.ModelProto | str | Path, factors: dict[str, tuple[in
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model), load_external_data=False)
     weights = matmul_weights(model)
+    splits = stack_splits(model)
     problems: list[str] = []
     dtypes: Counter = Counter()
     found = 0
@@ -170,7 +174,7 @@ def check_pairs(model: onnx.ModelProto | str | Path, factors: dict[str, tuple[in
             continue
         prefix = onnx_prefix(name)
         mine = [w for w in weights if prefix in w.node]
-        a, a_shape, a_problem = a_factor(model, weights, name, factors)
+        a, a_shape, a_problem = a_factor(weights, name, factors, splits)
         b = [w for w in mine if f"{prefix}B/" in w.node]
         dense = [w for w in mine if w.shape == (fin, fout)]
         ok = not a_problem

@@ -28,7 +28,7 @@ import torch
 
 from ...errors import SwiftSVDError
 from ...latent_kv import LatentLlama, head_dim
-from .graph import DTYPE_NAMES, PairReport, a_factor, check_pairs, matmul_weights, onnx_prefix
+from .graph import DTYPE_NAMES, PairReport, a_factor, check_pairs, matmul_weights, onnx_prefix, stack_splits
 from .quantize import save_model
 
 METADATA_KEY = "swiftsvd.kv_cache"
@@ -140,6 +140,7 @@ def check_latent_pairs(model: onnx.ModelProto, factors: dict[str, tuple[int, int
     report.n_factorized = len(factors)
     kv_heads, hd = int(config.num_key_value_heads), head_dim(config)
     weights = matmul_weights(model)
+    splits = stack_splits(model)
     nodes = {n.name: n for n in model.graph.node}
     for name in sorted(v_names):
         fin, fout, k = factors[name]
@@ -147,7 +148,7 @@ def check_latent_pairs(model: onnx.ModelProto, factors: dict[str, tuple[int, int
         # MatMuls under v_proj with a constant weight (softmax(QKᵀ)·latent also runs under v_proj)
         mine = [w for w in weights if prefix in w.node
                 and (w.shape is not None or _weight(model, nodes[w.node]) is not None)]
-        a, a_shape, a_problem = a_factor(model, weights, name, factors)
+        a, a_shape, a_problem = a_factor(weights, name, factors, splits)
         a = [w for w in a if w.shape == a_shape]
         b = [init for w in mine if f"{prefix}B/" in w.node and w.op == "MatMul"
              and (init := _weight(model, nodes[w.node])) is not None and tuple(init.dims) == (kv_heads, k, hd)]

@@ -208,7 +208,7 @@ def quantize_nbits(src: Path, dst: Path, bits: int, block_size: int | None = Non
                    a_prefixes: tuple[str, ...] = (), importance: Importance | None = None, quantizer=None,
                    accuracy_level: int = DEFAULT_ACCURACY_LEVEL) -> dict:
     """``bits``-bit MatMulNBits for every MatMul whose K a block size divides; with ``a_bits``, the A
-    factors (node names under ``a_prefixes``, ``<module>/A/``) get ``a_bits`` instead: A is the factor
+    factors (node names under ``a_prefixes``, ``<module>/A/``, and stacked A's) get ``a_bits`` instead: A is the factor
     whose rounding costs most (README, "Q4_0 factors"). With ``importance`` and ``quantizer``
     (``weighted_q4_quantizer``), 4-bit weights use blocks of 32 and are rounded by ggml, weighted by
     their inputs' E[x²] (``weight_q4_nodes``). ``accuracy_level``: see ``ACCURACY_LEVELS``."""
@@ -224,9 +224,11 @@ def quantize_nbits(src: Path, dst: Path, bits: int, block_size: int | None = Non
         inits = {i.name: i for i in model.graph.initializer}
         raw = {w.initializer: numpy_helper.to_array(inits[w.initializer])
                for w in matmul_weights(model) if w.op == "MatMul" and w.initializer in inits}
-    plan, skipped = plan_nbits(model, block_size,
-                               lambda node: a_bits if a_bits and node.startswith(a_prefixes) else bits,
-                               block_of_bits={4: 32} if quantizer is not None else None)
+    def bits_of(node: str) -> int:
+        is_a = node.startswith(a_prefixes) or stacked_members(node) is not None
+        return a_bits if a_bits and is_a else bits
+
+    plan, skipped = plan_nbits(model, block_size, bits_of, block_of_bits={4: 32} if quantizer is not None else None)
     mode = f"int{bits}" + (f"-a{a_bits}" if a_bits else "")
     if not plan:
         raise SwiftSVDError(f"--quantize {mode}: no MatMul has an input dimension that the block size "

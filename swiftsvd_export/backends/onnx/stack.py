@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph import STACK_SCOPE
+from .graph import stack_scope
 
 
 def stack_a_factors(model: onnx.ModelProto) -> int:
@@ -38,7 +38,7 @@ def stack_a_factors(model: onnx.ModelProto) -> int:
         if len(members) < 2 or len({w.shape[0] for w in weights}) != 1:
             continue
         shorts = [n.name[len(parent):].split("/", 1)[0] for n in members]
-        scope = f"{parent}{STACK_SCOPE}/{'+'.join(shorts)}/"
+        scope = stack_scope(parent, shorts)
         w = numpy_helper.from_array(np.concatenate(weights, axis=1), scope + "weight")
         sizes = numpy_helper.from_array(np.asarray([a.shape[1] for a in weights], dtype=np.int64), scope + "split")
         g.initializer.extend([w, sizes])
