@@ -1,7 +1,7 @@
 """The compression pipeline: model + calibration → covariances → factors → low-rank model folder.
 
 Flow (non-sequential, the default): one calibration pass accumulates every block's input
-covariances and, block by block, decomposes each linear once (``stats_cache.decompose_group``:
+covariances and, block by block, decomposes each linear once (``stats_cache.decompose_block``:
 eigenvalues of C = W·G·Wᵀ, factor bases up to the break-even rank, error curve). Those
 statistics are cached on disk (``stats_cache``), so any later ratio, allocation or budget on
 the same model + calibration set skips calibration and only slices factors (re-targeting).
@@ -38,7 +38,7 @@ from .lowrank import DTYPES, LowRankLinear, replace_module, save_lowrank
 from .memory import release_free_heap
 from .models import load_model
 from .ranks import check_ratio, param_count, read_ranks_file, uniform_ranks
-from .stats_cache import LinearSpectrum, ModelStats, SpectrumStore, decompose_group, entry_path, expected_meta
+from .stats_cache import LinearSpectrum, ModelStats, SpectrumStore, decompose_block, entry_path, expected_meta
 
 log = logging.getLogger(__name__)
 
@@ -204,10 +204,9 @@ def gather_stats(model, spec, calib: CalibrationSet, cfg: CompressConfig, source
     def on_block(layer, stats: BlockStats) -> None:
         prefix = f"{spec.layers_path}.{stats.index}."
         t = time.perf_counter()
-        block = {}
-        for group in spec.groups:
-            weights = {prefix + lin: layer.get_submodule(lin).weight for lin in group.linears}
-            block.update(decompose_group(weights, stats.grams[group.name], cfg.method, cfg.precision, device))
+        block = decompose_block([({prefix + lin: layer.get_submodule(lin).weight for lin in group.linears},
+                                  stats.grams[group.name]) for group in spec.groups],
+                                cfg.method, cfg.precision, device)
         stats.grams.clear()
         spectra.update(store.add(stats.index, block))
         del block
@@ -487,15 +486,13 @@ def compress_model(model, tokenizer, cfg: CompressConfig, ranks: dict[str, int] 
                 nonlocal seq_factorize
                 prefix = f"{spec.layers_path}.{bstats.index}."
                 t1 = time.perf_counter()
-                for group in spec.groups:
-                    if group.name not in bstats.grams:  # with --refit, one group per call (covariance.calibrate)
-                        continue
-                    weights = {prefix + lin: layer.get_submodule(lin).weight for lin in group.linears
-                               if prefix + lin in ranks}
-                    if not weights:
-                        continue
-                    spectra = decompose_group(weights, bstats.grams[group.name], cfg.method, cfg.precision,
-                                              device)
+                # with --refit, one group per call (covariance.calibrate)
+                groups = [({prefix + lin: layer.get_submodule(lin).weight for lin in group.linears
+                            if prefix + lin in ranks}, group) for group in spec.groups if group.name in bstats.grams]
+                groups = [(weights, group) for weights, group in groups if weights]
+                spectra = decompose_block([(weights, bstats.grams[group.name]) for weights, group in groups],
+                                          cfg.method, cfg.precision, device)
+                for weights, group in groups:
                     for name, k in ((n, ranks[n]) for n in weights):
                         lin = name[len(prefix):]
                         old = layer.get_submodule(lin)

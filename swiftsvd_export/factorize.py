@@ -21,8 +21,12 @@ squared condition number of C; tools/bench_compress.py reports both).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
+from typing import Sequence
 
 import torch
+
+from .linalg_pool import run_each
 
 METHODS = ("swift", "whiten", "svd")
 PRECISIONS = {"fp32": torch.float32, "fp64": torch.float64}
@@ -121,23 +125,40 @@ def svd_factorize(W: torch.Tensor, k: int) -> Factors:
     return Factors(A=A, B=B)
 
 
+def _factorize(W: torch.Tensor, G: torch.Tensor, k: int, method: str, dtype: torch.dtype,
+               whitening: Whitening | None) -> Factors:
+    W = W.to(dtype)
+    if method == "swift":
+        return swift_factorize(W, G, k)
+    if method == "whiten":
+        return whiten_factorize(W, G, k, whitening)
+    return svd_factorize(W, k)
+
+
+def factorize_block(groups: Sequence[tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, int]]],
+                    method: str = "swift", dtype: torch.dtype = torch.float64) -> dict[str, Factors]:
+    """Factorize the linears of one block. Each group is ({name: W}, G, {name: rank}): the linears
+    that read the input with Gram G; only those in the ranks are factorized. The factorizations
+    run side by side on the CPU (:mod:`.linalg_pool`); whiten's Cholesky is shared by a group."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    groups = [g for g in groups if g[2]]
+    whitenings = (run_each([partial(Whitening, G) for _, G, _ in groups]) if method == "whiten"
+                  else [None] * len(groups))
+    tasks, names, sizes = [], [], []
+    for (weights, G, ranks), wh in zip(groups, whitenings):
+        Gw = G.to(dtype)
+        for name, k in ranks.items():
+            tasks.append(partial(_factorize, weights[name], Gw, k, method, dtype, wh))
+            names.append(name)
+            sizes.append(weights[name].numel())
+    return dict(zip(names, run_each(tasks, sizes=sizes)))
+
+
 def factorize_group(weights: dict[str, torch.Tensor], G: torch.Tensor, ranks: dict[str, int],
                     method: str = "swift", dtype: torch.dtype = torch.float64) -> dict[str, Factors]:
     """Factorize the linears that share input covariance ``G`` (only those present in ``ranks``)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    whitening = Whitening(G) if method == "whiten" and ranks else None
-    G = G.to(dtype)
-    out = {}
-    for name, k in ranks.items():
-        W = weights[name].to(dtype)
-        if method == "swift":
-            out[name] = swift_factorize(W, G, k)
-        elif method == "whiten":
-            out[name] = whiten_factorize(W, G, k, whitening)
-        else:
-            out[name] = svd_factorize(W, k)
-    return out
+    return factorize_block([(weights, G, ranks)], method, dtype)
 
 
 def reconstruction_error(W: torch.Tensor, W_approx: torch.Tensor, G: torch.Tensor) -> tuple[float, float]:

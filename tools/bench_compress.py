@@ -75,7 +75,7 @@ def child_joint(ratio: float, outdir: str, nsamples: int, seqlen: int, repeats: 
     from swiftsvd_export.calibration import build_calibration
     from swiftsvd_export.compress import linear_shapes
     from swiftsvd_export.covariance import calibrate
-    from swiftsvd_export.factorize import PRECISIONS, factorize_group, reconstruction_error
+    from swiftsvd_export.factorize import PRECISIONS, factorize_block, reconstruction_error
     from swiftsvd_export.lowrank import LowRankLinear, replace_module, save_lowrank
     from swiftsvd_export.models import load_model
     from swiftsvd_export.ranks import param_count, uniform_ranks
@@ -102,33 +102,38 @@ def child_joint(ratio: float, outdir: str, nsamples: int, seqlen: int, repeats: 
 
     def _factorize_all(layer, stats):
         prefix = f"{spec.layers_path}.{stats.index}."
+        groups, gram_of = [], {}
         for group in spec.groups:
             G = stats.grams[group.name]
             weights = {lin: layer.get_submodule(lin).weight.detach() for lin in group.linears}
             rk = {lin: ranks[prefix + lin] for lin in group.linears if prefix + lin in ranks}
-            for v in VARIANTS:
-                method, precision = v
-                samples = []
-                for _ in range(repeats if method != "svd" else 1):
-                    t = time.perf_counter()
-                    out = factorize_group(weights, G, rk, method, PRECISIONS[precision])
-                    samples.append(time.perf_counter() - t)
-                seconds[v] += statistics.median(samples)
-                for lin, f in out.items():
-                    e, n = reconstruction_error(weights[lin], f.B.double() @ f.A.double(), G)
-                    errors[v][0] += e
-                    errors[v][1] += n
-                    jitter[v] += f.jitter > 0
-                    if v in factors:
-                        factors[v][prefix + lin] = (f.A.float(), f.B.float())
-            for v in PROBES:
-                for lin, k in rk.items():
-                    t = time.perf_counter()
-                    f = swift_probe(weights[lin], G, k, *probe_dtypes[v])
-                    seconds[v] += time.perf_counter() - t
-                    e, n = reconstruction_error(weights[lin], f.B.double() @ f.A.double(), G)
-                    errors[v][0] += e
-                    errors[v][1] += n
+            groups.append((weights, G, rk))
+            gram_of.update({lin: (weights[lin], G) for lin in rk})
+        for v in VARIANTS:
+            method, precision = v
+            samples = []
+            for _ in range(repeats if method != "svd" else 1):
+                t = time.perf_counter()
+                out = factorize_block(groups, method, PRECISIONS[precision])
+                samples.append(time.perf_counter() - t)
+            seconds[v] += statistics.median(samples)
+            for lin, f in out.items():
+                W, G = gram_of[lin]
+                e, n = reconstruction_error(W, f.B.double() @ f.A.double(), G)
+                errors[v][0] += e
+                errors[v][1] += n
+                jitter[v] += f.jitter > 0
+                if v in factors:
+                    factors[v][prefix + lin] = (f.A.float(), f.B.float())
+        for v in PROBES:
+            for lin, (W, G) in gram_of.items():
+                k = ranks[prefix + lin]
+                t = time.perf_counter()
+                f = swift_probe(W, G, k, *probe_dtypes[v])
+                seconds[v] += time.perf_counter() - t
+                e, n = reconstruction_error(W, f.B.double() @ f.A.double(), G)
+                errors[v][0] += e
+                errors[v][1] += n
 
     t = time.perf_counter()
     calibrate(model, spec, calib.ids, 8, on_block=on_block, progress=False)

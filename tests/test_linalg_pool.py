@@ -1,0 +1,82 @@
+"""The side-by-side decompositions of one block (linalg_pool): the same results as one at a time,
+in the callers' order, on single-threaded workers, and errors reach the caller."""
+import threading
+
+import pytest
+import torch
+
+from swiftsvd_export.factorize import factorize_block, swift_basis, swift_factorize, whiten_factorize
+from swiftsvd_export.linalg_pool import run_each
+from swiftsvd_export.stats_cache import decompose_block
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def _block(seed: int = 0):
+    """Two groups like a Llama block's attn_in (q, k) and mlp_in (gate, taller than wide)."""
+    g = torch.Generator().manual_seed(seed)
+    X1, X2 = torch.randn(256, 48, generator=g, dtype=torch.float64), torch.randn(256, 32, generator=g, dtype=torch.float64)
+    attn = {"q": torch.randn(48, 48, generator=g), "k": torch.randn(16, 48, generator=g)}
+    mlp = {"gate": torch.randn(80, 32, generator=g)}
+    return [(attn, X1.T @ X1), (mlp, X2.T @ X2)]
+
+
+def test_tasks_run_on_workers_with_one_thread_each_and_keep_their_order(two_threads):
+    def task(i):
+        return i, threading.current_thread().name, torch.get_num_threads()
+
+    out = run_each([lambda i=i: task(i) for i in range(5)], sizes=[1, 5, 2, 4, 3])
+    assert [i for i, _, _ in out] == list(range(5))
+    assert all(name.startswith("swiftsvd-linalg") and n == 1 for _, name, n in out)
+    assert torch.get_num_threads() == 2  # the caller's setting is untouched
+
+
+def test_one_task_or_one_thread_runs_in_the_calling_thread(two_threads):
+    me = threading.current_thread().name
+    assert run_each([lambda: threading.current_thread().name]) == [me]
+    torch.set_num_threads(1)
+    assert run_each([lambda: threading.current_thread().name] * 3) == [me] * 3
+
+
+def test_an_error_in_a_task_reaches_the_caller(two_threads):
+    def bad():
+        raise ValueError("task 2 failed")
+
+    with pytest.raises(ValueError, match="task 2 failed"):
+        run_each([lambda: 1, bad, lambda: 3])
+
+
+@pytest.mark.parametrize("method", ["swift", "whiten", "svd"])
+def test_decompose_block_equals_each_linear_alone(two_threads, method):
+    groups = _block()
+    got = decompose_block(groups, method, "fp64")
+    assert list(got) == ["q", "k", "gate"]
+    for weights, G in groups:
+        for name, W in weights.items():
+            alone = decompose_block([({name: W}, G)], method, "fp64")[name]  # one task: the calling thread
+            torch.testing.assert_close(got[name].values, alone.values, rtol=1e-10, atol=1e-9)
+            torch.testing.assert_close(got[name].curve, alone.curve, rtol=1e-10, atol=1e-9)
+    if method == "swift":  # the bases are bit for bit what a single-threaded caller computes
+        torch.set_num_threads(1)
+        for weights, G in groups:
+            for name, W in weights.items():
+                left = got[name].bases()[0]
+                assert torch.equal(left, swift_basis(W.double(), G, left.shape[1])[1])
+
+
+@pytest.mark.parametrize("method", ["swift", "whiten"])
+def test_factorize_block_equals_the_factorizations_one_by_one(two_threads, method):
+    groups = [(w, G, {n: 6 for n in w}) for w, G in _block(1)]
+    block = factorize_block(groups, method)
+    assert list(block) == ["q", "k", "gate"]
+    for weights, G, ranks in groups:
+        for name, k in ranks.items():
+            W = weights[name].double()
+            f = swift_factorize(W, G, k) if method == "swift" else whiten_factorize(W, G, k)
+            torch.testing.assert_close(block[name].B @ block[name].A, f.B @ f.A)
