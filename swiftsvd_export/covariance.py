@@ -2,9 +2,9 @@
 
 For every decoder block it accumulates the input covariance XᵀX once per distinct input
 (q/k/v share one, gate/up share one, o and down have their own). Each batch's Gram matrix is
-computed in float32 (a BLAS GEMM over at most ``batch x seqlen`` tokens) and added into a
-float64 accumulator, which keeps the sum exact to ~1e-7 relative at a fraction of the cost of
-a float64 GEMM. The output covariance of a linear is then W·(XᵀX)·Wᵀ.
+computed in float32 (BLAS GEMMs over at most ``batch x seqlen`` tokens, upper column blocks
+only: it is symmetric) and added into a float64 accumulator, which keeps the sum exact to ~1e-7
+relative at a fraction of the cost of a float64 GEMM. The output covariance of a linear is then W·(XᵀX)·Wᵀ.
 
 The pass runs the model one block at a time (as GPTQ does), keeping only the hidden states
 between blocks. That makes the sequential mode (block i calibrated on the already-compressed
@@ -164,15 +164,41 @@ def input_hooks(layer: nn.Module, groups, on_input: Callable[[str, torch.Tensor]
             h.remove()
 
 
+GRAM_BLOCK = 288  # column block width of the Gram GEMMs (see add_gram)
+
+
+def _gram_edges(n: int) -> list[int]:
+    blocks = max(1, round(n / GRAM_BLOCK))
+    return [round(i * n / blocks) for i in range(blocks + 1)]
+
+
+def add_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
+    """acc += xᵀx (float64 acc, float32 x), upper block triangle only: in b column blocks a
+    symmetric product needs (b + 1) / 2b of a full GEMM's flops. :func:`mirror_gram` fills the
+    lower blocks once the sum is complete."""
+    edges = _gram_edges(acc.shape[0])
+    for lo, hi in zip(edges, edges[1:]):
+        acc[lo:hi, lo:] += (x[:, lo:hi].T @ x[:, lo:]).double()
+
+
+def mirror_gram(acc: torch.Tensor) -> torch.Tensor:
+    """Copy the upper blocks that :func:`add_gram` accumulated onto the lower ones (in place)."""
+    edges = _gram_edges(acc.shape[0])
+    for lo, hi in zip(edges, edges[1:]):
+        acc[hi:, lo:hi] = acc[lo:hi, hi:].T
+    return acc
+
+
 def gram_accumulators(layer: nn.Module, groups, device: torch.device | str = "cpu"):
     """Zeroed float64 XᵀX per group and the ``on_input`` callback that adds a batch to them: each
-    batch's Gram is an fp32 GEMM, summed in float64 (see the module docstring)."""
+    batch's Gram is fp32 GEMMs, summed in float64 (see the module docstring). Only the upper block
+    triangle is summed: :func:`mirror_gram` each one when the pass is over."""
     grams = {g.name: torch.zeros(layer.get_submodule(g.linears[0]).in_features,
                                  layer.get_submodule(g.linears[0]).in_features, dtype=torch.float64, device=device)
              for g in groups}
 
     def add(gname: str, x: torch.Tensor) -> None:
-        grams[gname] += (x.T @ x).double()
+        add_gram(grams[gname], x)
     return grams, add
 
 
@@ -267,7 +293,7 @@ def _block(layer, spec, i, hidden, outs, layer_kwargs, batch_size, on_block, hom
             outs[start:start + batch_size] = y = block_forward(layer, x, layer_kwargs)
             cos_sum += cosine_sum(x, y)
     n_tokens = hidden.shape[0] * hidden.shape[1]
-    cos_sum, n_tokens = distributed.reduce_block(i, list(grams.values()), cos_sum, n_tokens)
+    cos_sum, n_tokens = distributed.reduce_block(i, [mirror_gram(g) for g in grams.values()], cos_sum, n_tokens)
     check_finite_grams(grams, spec, i)
     stats = BlockStats(i, to_device(grams, home), n_tokens, 1.0 - cos_sum / n_tokens, time.perf_counter() - t0)
     layer.to(home)
@@ -297,7 +323,7 @@ def _refit_block(layer, spec, i, hidden, outs, dense, layer_kwargs, batch_size, 
         pending: list[torch.Tensor] = []
 
         def add_compressed(_g, x, gram=gram, pending=pending):
-            gram.add_((x.T @ x).double())
+            add_gram(gram, x)
             pending.append(x)
 
         def add_dense(_g, x, crossed=crossed, pending=pending):
@@ -315,7 +341,7 @@ def _refit_block(layer, spec, i, hidden, outs, dense, layer_kwargs, batch_size, 
                     dense_outs[start:start + batch_size] = yd
                     cos_sum += cosine_sum(x, y)
         n_tokens = hidden.shape[0] * hidden.shape[1]
-        cos_sum, n_tokens = distributed.reduce_block(i, [gram, crossed], cos_sum, n_tokens)
+        cos_sum, n_tokens = distributed.reduce_block(i, [mirror_gram(gram), crossed], cos_sum, n_tokens)
         check_finite_grams({group.name: gram}, spec, i)
         if full:
             merged.n_tokens, merged.importance = n_tokens, 1.0 - cos_sum / n_tokens

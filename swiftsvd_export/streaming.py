@@ -42,7 +42,7 @@ from .calibration import DEFAULT_CALIBRATION, build_calibration
 from .compress import (CompressConfig, CompressResult, build_manifest, first_choice, format_summary, gather_stats,
                        linear_shapes, select_ranks, summarize)
 from .covariance import (BlockStats, block_forward, capture_block_inputs, check_finite_grams, cosine_sum,
-                         gram_accumulators, input_hooks, kwargs_for)
+                         gram_accumulators, input_hooks, kwargs_for, mirror_gram)
 from .errors import SwiftSVDError
 from .lowrank import DTYPES, FORMAT_VERSION, LowRankLinear, _materialize_buffers, _state_dict_for_saving, \
     replace_module, save_lowrank
@@ -230,6 +230,8 @@ class StreamingPass:
                     raise SwiftSVDError(f"NaN or Inf in the activations leaving block {i}")
                 outs.write(start, y)
                 cos_sum += cosine_sum(x, y)
+        for g in grams.values():
+            mirror_gram(g)
         check_finite_grams(grams, spec, i)
         n_tokens = hidden.shape[0] * hidden.shape[1]
         stats = BlockStats(i, grams, n_tokens, 1.0 - cos_sum / n_tokens, time.perf_counter() - t0)
