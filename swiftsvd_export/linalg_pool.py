@@ -11,6 +11,7 @@ in order in the calling thread: the device serializes them anyway.
 """
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence, TypeVar
@@ -21,6 +22,8 @@ T = TypeVar("T")
 
 _lock = threading.Lock()
 _pools: dict[tuple[int, int], ThreadPoolExecutor] = {}
+# A forked child has none of the parent's worker threads: it must start its own pools.
+os.register_at_fork(after_in_child=_pools.clear)
 
 
 def _pool(workers: int, threads_each: int) -> ThreadPoolExecutor:

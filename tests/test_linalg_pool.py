@@ -80,3 +80,19 @@ def test_factorize_block_equals_the_factorizations_one_by_one(two_threads, metho
             W = weights[name].double()
             f = swift_factorize(W, G, k) if method == "swift" else whiten_factorize(W, G, k)
             torch.testing.assert_close(block[name].B @ block[name].A, f.B @ f.A)
+
+
+def test_a_forked_child_starts_its_own_workers(two_threads):
+    """A child forked after the pool started has none of its threads; it must not wait on them."""
+    import multiprocessing as mp
+
+    both = threading.Barrier(2, timeout=30)
+    run_each([both.wait, both.wait])  # the parent's pool has both its threads
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as child:
+        assert child.apply_async(_in_child).get(timeout=60) == [0, 1, 2]
+
+
+def _in_child():
+    torch.set_num_threads(2)
+    return run_each([lambda i=i: i for i in range(3)])
