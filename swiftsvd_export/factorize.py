@@ -155,12 +155,6 @@ def factorize_block(groups: Sequence[tuple[dict[str, torch.Tensor], torch.Tensor
     return dict(zip(names, run_each(tasks, sizes=sizes)))
 
 
-def factorize_group(weights: dict[str, torch.Tensor], G: torch.Tensor, ranks: dict[str, int],
-                    method: str = "swift", dtype: torch.dtype = torch.float64) -> dict[str, Factors]:
-    """Factorize the linears that share input covariance ``G`` (only those present in ``ranks``)."""
-    return factorize_block([(weights, G, ranks)], method, dtype)
-
-
 def reconstruction_error(W: torch.Tensor, W_approx: torch.Tensor, G: torch.Tensor) -> tuple[float, float]:
     """(‖XWᵀ − XW'ᵀ‖², ‖XWᵀ‖²) from G = XᵀX, without touching X."""
     G = G.to(torch.float64)

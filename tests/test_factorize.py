@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from swiftsvd_export.factorize import (factorize_group, output_covariance, reconstruction_error,
+from swiftsvd_export.factorize import (factorize_block, output_covariance, reconstruction_error,
                                        swift_factorize, whiten_factorize)
 
 
@@ -41,7 +41,7 @@ def test_swift_matches_whiten_when_well_conditioned_and_beats_svd(shape):
         wf = whiten_factorize(W, G, k)
         assert wf.jitter == 0.0
         assert swift == pytest.approx(_err(W, wf, G), rel=1e-7)
-        svd = _err(W, factorize_group({"w": W}, G, {"w": k}, "svd")["w"], G)
+        svd = _err(W, factorize_block([({"w": W}, G, {"w": k})], "svd")["w"], G)
         assert svd > swift * 1.01
 
 
@@ -63,7 +63,7 @@ def test_singular_covariance_swift_stays_finite_and_optimal_whiten_needs_jitter(
 def test_group_factorization_shares_input_and_keeps_only_requested():
     W1, _, G = _problem(24, 32, 200, seed=1)
     W2 = torch.randn(8, 32, dtype=torch.float64)
-    out = factorize_group({"q": W1, "k": W2}, G, {"q": 5}, "whiten")
+    out = factorize_block([({"q": W1, "k": W2}, G, {"q": 5})], "whiten")
     assert set(out) == {"q"} and out["q"].rank == 5
     with pytest.raises(ValueError):
-        factorize_group({"q": W1}, G, {"q": 5}, "nope")
+        factorize_block([({"q": W1}, G, {"q": 5})], "nope")
