@@ -47,5 +47,11 @@ def run_each(tasks: Sequence[Callable[[], T]], device: torch.device | str = "cpu
     if torch.device(device).type != "cpu" or workers <= 1:
         return [task() for task in tasks]
     order = sorted(range(len(tasks)), key=lambda i: -sizes[i]) if sizes is not None else range(len(tasks))
-    futures = {i: _pool(workers, threads // workers).submit(tasks[i]) for i in order}
+    grad = torch.is_grad_enabled()  # thread-local: the workers take the caller's
+    futures = {i: _pool(workers, threads // workers).submit(_call, tasks[i], grad) for i in order}
     return [futures[i].result() for i in range(len(tasks))]
+
+
+def _call(task: Callable[[], T], grad: bool) -> T:
+    with torch.set_grad_enabled(grad):
+        return task()

@@ -37,6 +37,14 @@ def test_tasks_run_on_workers_with_one_thread_each_and_keep_their_order(two_thre
     assert torch.get_num_threads() == 2  # the caller's setting is untouched
 
 
+def test_workers_take_the_callers_grad_mode(two_threads):
+    w = torch.ones(3, requires_grad=True)
+    with torch.no_grad():
+        out = run_each([lambda: w * 2, lambda: w * 3])
+    assert not any(t.requires_grad for t in out)
+    assert all(t.requires_grad for t in run_each([lambda: w * 2, lambda: w * 3]))
+
+
 def test_one_task_or_one_thread_runs_in_the_calling_thread(two_threads):
     me = threading.current_thread().name
     assert run_each([lambda: threading.current_thread().name]) == [me]
