@@ -37,18 +37,22 @@ def _pool(workers: int, threads_each: int) -> ThreadPoolExecutor:
         return _pools[key]
 
 
+def workers(tasks: int, device: torch.device | str = "cpu") -> int:
+    """How many of ``tasks`` :func:`run_each` runs at once (what a memory estimate must allow for)."""
+    return max(1, min(tasks, torch.get_num_threads())) if torch.device(device).type == "cpu" else 1
+
+
 def run_each(tasks: Sequence[Callable[[], T]], device: torch.device | str = "cpu",
              sizes: Sequence[float] | None = None) -> list[T]:
     """The results of ``tasks``, in their order. On the CPU, with more than one thread and task,
     min(tasks, threads) workers share the calling thread's torch thread count and take the tasks
     largest ``sizes`` first (so that a big one does not start last)."""
-    threads = torch.get_num_threads()
-    workers = min(len(tasks), threads)
-    if torch.device(device).type != "cpu" or workers <= 1:
+    n = workers(len(tasks), device)
+    if n <= 1:
         return [task() for task in tasks]
     order = sorted(range(len(tasks)), key=lambda i: -sizes[i]) if sizes is not None else range(len(tasks))
     grad = torch.is_grad_enabled()  # thread-local: the workers take the caller's
-    futures = {i: _pool(workers, threads // workers).submit(_call, tasks[i], grad) for i in order}
+    futures = {i: _pool(n, torch.get_num_threads() // n).submit(_call, tasks[i], grad) for i in order}
     return [futures[i].result() for i in range(len(tasks))]
 
 

@@ -7,7 +7,8 @@ activations (two float32 tensors of n x seqlen x hidden, block i's inputs and ou
 - one decoder block: its weights as float32 plus one tensor at the checkpoint's dtype while
   it is converted; the float64 input covariances; a forward batch (hidden and MLP activations,
   attention scores); the decompositions (the block's factor bases, twice while they are
-  serialized to the statistics store, and the largest eigendecomposition's work matrices);
+  serialized to the statistics store, and the work matrices of the largest eigendecompositions
+  that run at once);
 - block 0's inputs: the embedding matrix as float32;
 - writing: one linear's bases and factors, or a 64 MiB chunk of a copied tensor.
 
@@ -73,9 +74,10 @@ class MemoryPlan:
 
 
 def block_working_set(config, linears: dict[str, tuple[int, int]], groups: dict[str, int], block_params: int,
-                      batch: int, seqlen: int, source_itemsize: int) -> int:
+                      batch: int, seqlen: int, source_itemsize: int, workers: int = 1) -> int:
     """Bytes one decoder block needs at its busiest (module docstring). ``linears``: the block's
-    (out, in) shapes; ``groups``: each input group's width (its covariance is width² float64)."""
+    (out, in) shapes; ``groups``: each input group's width (its covariance is width² float64);
+    ``workers``: how many decompositions run at once (``linalg_pool.workers``)."""
     h = config.hidden_size
     inter = max(max(o, i) for o, i in linears.values())
     heads = getattr(config, "num_attention_heads", 1)
@@ -85,16 +87,17 @@ def block_working_set(config, linears: dict[str, tuple[int, int]], groups: dict[
     tokens = batch * seqlen
     forward = 4 * tokens * (8 * h + 4 * inter) + 2 * 4 * batch * heads * seqlen * seqlen
     bases = sum(4 * o * max(break_even(o, i), 0) for o, i in linears.values())
-    work = max(4 * (3 * min(o, i) ** 2 + 2 * o * i) for o, i in linears.values())
+    work = sum(sorted((4 * (3 * min(o, i) ** 2 + 2 * o * i) for o, i in linears.values()), reverse=True)[:workers])
     return weights + grams + max(forward, 2 * bases + work)
 
 
 def plan(budget: int | None, baseline: int, config, block_linears: dict[str, tuple[int, int]],
          groups: dict[str, int], block_params: int, nsamples: int, seqlen: int, batch: int,
-         source_itemsize: int) -> MemoryPlan:
+         source_itemsize: int, workers: int = 1) -> MemoryPlan:
     """Where the activations go, or a clear error when ``budget`` is below the minimum."""
     h = config.hidden_size
-    block = block_working_set(config, block_linears, groups, block_params, batch, seqlen, source_itemsize)
+    block = block_working_set(config, block_linears, groups, block_params, batch, seqlen, source_itemsize,
+                              workers)
     embed = (4 + source_itemsize) * config.vocab_size * h
     write = max(COPY_CHUNK, max(4 * (o * break_even(o, i) + 2 * o * i) for o, i in block_linears.values()))
     need = max(block, embed, write)

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from . import memory_budget
+from . import linalg_pool, memory_budget
 from .architectures import spec_for
 from .atomic import atomic_dir, check_output
 from .calibration import DEFAULT_CALIBRATION, build_calibration
@@ -329,7 +329,7 @@ def compress_streaming(cfg: CompressConfig, max_memory: int | str | None = None)
     release_free_heap()  # tokenizing leaves freed pages behind; the baseline is what stays
     plan = memory_budget.plan(budget, memory_budget.rss_bytes()[0], config, block_linears, groups,
                               sum(p.numel() for p in layer.parameters()), cfg.nsamples, cfg.seqlen,
-                              cfg.batch_size, source.itemsize)
+                              cfg.batch_size, source.itemsize, linalg_pool.workers(len(block_linears), cfg.device))
     timers: dict[str, float] = {"tokenize_s": time.perf_counter() - t_start, "factorize_s": 0.0}
     choice = first_choice(model, shapes, cfg)
     workdir = None

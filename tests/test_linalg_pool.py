@@ -104,3 +104,19 @@ def test_a_forked_child_starts_its_own_workers(two_threads):
 def _in_child():
     torch.set_num_threads(2)
     return run_each([lambda i=i: i for i in range(3)])
+
+
+def test_the_streaming_memory_estimate_counts_every_concurrent_decomposition(two_threads):
+    """--max-memory plans for the work matrices of as many decompositions as run at once."""
+    from types import SimpleNamespace
+
+    from swiftsvd_export import linalg_pool, memory_budget
+
+    cfg = SimpleNamespace(hidden_size=64, num_attention_heads=4)
+    linears = {"q": (64, 64), "gate": (160, 64), "up": (160, 64), "down": (64, 160)}
+    work = sorted((4 * (3 * min(o, i) ** 2 + 2 * o * i) for o, i in linears.values()), reverse=True)
+    one = memory_budget.block_working_set(cfg, linears, {"a": 64, "m": 160}, 50_000, 1, 8, 4, workers=1)
+    n = linalg_pool.workers(len(linears))
+    assert n == 2 and linalg_pool.workers(len(linears), "cuda") == 1
+    both = memory_budget.block_working_set(cfg, linears, {"a": 64, "m": 160}, 50_000, 1, 8, 4, workers=n)
+    assert both - one == work[1]
