@@ -70,12 +70,14 @@ def child_joint(ratio: float, outdir: str, nsamples: int, seqlen: int, repeats: 
     """
     import copy
     import statistics
+    from functools import partial
 
     from swiftsvd_export.architectures import spec_for
     from swiftsvd_export.calibration import build_calibration
     from swiftsvd_export.compress import linear_shapes
     from swiftsvd_export.covariance import calibrate
     from swiftsvd_export.factorize import PRECISIONS, factorize_block, reconstruction_error
+    from swiftsvd_export.linalg_pool import run_each
     from swiftsvd_export.lowrank import LowRankLinear, replace_module, save_lowrank
     from swiftsvd_export.models import load_model
     from swiftsvd_export.ranks import param_count, uniform_ranks
@@ -125,12 +127,14 @@ def child_joint(ratio: float, outdir: str, nsamples: int, seqlen: int, repeats: 
                 jitter[v] += f.jitter > 0
                 if v in factors:
                     factors[v][prefix + lin] = (f.A.float(), f.B.float())
-        for v in PROBES:
-            for lin, (W, G) in gram_of.items():
-                k = ranks[prefix + lin]
-                t = time.perf_counter()
-                f = swift_probe(W, G, k, *probe_dtypes[v])
-                seconds[v] += time.perf_counter() - t
+        for v in PROBES:  # the same side-by-side workers as factorize_block
+            names = list(gram_of)
+            t = time.perf_counter()
+            out = run_each([partial(swift_probe, *gram_of[lin], ranks[prefix + lin], *probe_dtypes[v]) for lin in names],
+                           sizes=[gram_of[lin][0].numel() for lin in names])
+            seconds[v] += time.perf_counter() - t
+            for lin, f in zip(names, out):
+                W, G = gram_of[lin]
                 e, n = reconstruction_error(W, f.B.double() @ f.A.double(), G)
                 errors[v][0] += e
                 errors[v][1] += n
@@ -147,7 +151,7 @@ def child_joint(ratio: float, outdir: str, nsamples: int, seqlen: int, repeats: 
                "normalized_error": errors[v][0] / errors[v][1], "cholesky_jitter_linears": jitter.get(v, 0),
                "achieved_ratio": 1 - after / dense}
         if v in PROBES:
-            run["probe"] = "timed once, not alternated; error only"
+            run["probe"] = "timed once (side by side like the rest), not alternated; error only"
         if v in factors:
             m = copy.deepcopy(model)
             for name, (A, B) in factors[v].items():
