@@ -5,6 +5,7 @@ import argparse
 import json
 
 from ..calib_gen import generate_calibration
+from ..errors import SwiftSVDError
 from ..models import DEFAULT_MODEL, load_model
 
 
@@ -22,13 +23,19 @@ def add_parser(sub) -> None:
     p.add_argument("--length", type=int, default=512, help="tokens per sequence")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--greedy-prefix", type=int, default=0, metavar="N",
+                   help="choose the first N generated tokens greedily, then sample (LLM-QAT's data-free "
+                        "generation; default 0: sample from the first)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     model, tokenizer, _ = load_model(args.model)
+    if not 0 <= args.greedy_prefix < args.length - 1:
+        raise SwiftSVDError(f"--greedy-prefix {args.greedy_prefix} must be in [0, {args.length - 2}] "
+                            f"for --length {args.length}")
     r = generate_calibration(model, tokenizer, args.output, args.sequences, args.length, args.seed,
-                             args.batch_size, overwrite=args.overwrite)
+                             args.batch_size, overwrite=args.overwrite, greedy_prefix=args.greedy_prefix)
     print(json.dumps(r, indent=2))
     return 0
