@@ -1,7 +1,8 @@
 """Calibration text sampled from the model itself (data-free calibration, as in LLM-QAT).
 
 Each sequence starts from one token drawn uniformly (seeded) from the ordinary vocabulary and
-continues by sampling the model (temperature 1, nucleus top-p 0.95). The output is JSONL with
+continues by sampling the model (temperature 1, nucleus top-p 0.95), optionally after
+``greedy_prefix`` tokens chosen greedily (LLM-QAT's recipe). The output is JSONL with
 one ``{"text": ...}`` record per sequence; nothing licensed is involved, so it can be shipped.
 """
 from __future__ import annotations

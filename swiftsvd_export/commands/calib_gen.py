@@ -14,9 +14,11 @@ def add_parser(sub) -> None:
         "calib-gen", help="sample calibration text from the model (seeded, data-free)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Each sequence starts at a seeded random vocabulary token and continues by sampling "
-                    "the model (temperature 1, top-p 0.95). Writes JSONL records {\"text\": ...}.",
+                    "the model (temperature 1, top-p 0.95), optionally after --greedy-prefix greedy tokens. "
+                    "Writes JSONL records {\"text\": ...}.",
         epilog="example:\n  swiftsvd-export calib-gen smollm2-135m calibration_data/smollm2-135m-selfgen.jsonl "
-               "--sequences 80 --length 512 --seed 0\n")
+               "--sequences 80 --length 512 --seed 0\n"
+               "  swiftsvd-export calib-gen smollm2-135m /tmp/selfgen-greedy4.jsonl --greedy-prefix 4\n")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     p.add_argument("output", help="output .jsonl")
     p.add_argument("--sequences", type=int, default=80)
