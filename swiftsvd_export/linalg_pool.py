@@ -22,8 +22,17 @@ T = TypeVar("T")
 
 _lock = threading.Lock()
 _pools: dict[tuple[int, int], ThreadPoolExecutor] = {}
-# A forked child has none of the parent's worker threads: it must start its own pools.
-os.register_at_fork(after_in_child=_pools.clear)
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has none of the parent's worker threads (nor its lock holders): it starts
+    its own pools."""
+    global _lock
+    _lock = threading.Lock()
+    _pools.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _pool(workers: int, threads_each: int) -> ThreadPoolExecutor:
