@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import torch
 
@@ -30,6 +30,7 @@ from .linalg_pool import run_each
 
 METHODS = ("swift", "whiten", "svd")
 PRECISIONS = {"fp32": torch.float32, "fp64": torch.float64}
+T = TypeVar("T")
 
 
 @dataclass
@@ -125,34 +126,42 @@ def svd_factorize(W: torch.Tensor, k: int) -> Factors:
     return Factors(A=A, B=B)
 
 
-def _factorize(W: torch.Tensor, G: torch.Tensor, k: int, method: str, dtype: torch.dtype,
-               whitening: Whitening | None) -> Factors:
-    W = W.to(dtype)
-    if method == "swift":
-        return swift_factorize(W, G, k)
-    if method == "whiten":
-        return whiten_factorize(W, G, k, whitening)
-    return svd_factorize(W, k)
+def map_block(groups: Sequence[tuple[dict[str, torch.Tensor], torch.Tensor]], method: str, dtype: torch.dtype,
+              device: torch.device | str, work: Callable[..., T]) -> dict[str, T]:
+    """``work(name, W, G, Gw, whitening)`` for every linear of one block, side by side on the CPU
+    (:mod:`.linalg_pool`). ``groups`` pairs the linears that read one input ({name: W}) with that
+    input's Gram G (moved to ``device``; Gw is G at ``dtype``); whiten's Cholesky is made once per group."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    groups = [(weights, G.to(device)) for weights, G in groups if weights]
+    whitenings = (run_each([partial(Whitening, G) for _, G in groups], device) if method == "whiten"
+                  else [None] * len(groups))
+    tasks, names, sizes = [], [], []
+    for (weights, G), wh in zip(groups, whitenings):
+        Gw = G.to(dtype)
+        for name, W in weights.items():
+            tasks.append(partial(work, name, W, G, Gw, wh))
+            names.append(name)
+            sizes.append(W.numel())
+    return dict(zip(names, run_each(tasks, device, sizes)))
 
 
 def factorize_block(groups: Sequence[tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, int]]],
                     method: str = "swift", dtype: torch.dtype = torch.float64) -> dict[str, Factors]:
     """Factorize the linears of one block. Each group is ({name: W}, G, {name: rank}): the linears
-    that read the input with Gram G; only those in the ranks are factorized. The factorizations
-    run side by side on the CPU (:mod:`.linalg_pool`); whiten's Cholesky is shared by a group."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    groups = [g for g in groups if g[2]]
-    whitenings = (run_each([partial(Whitening, G) for _, G, _ in groups]) if method == "whiten"
-                  else [None] * len(groups))
-    tasks, names, sizes = [], [], []
-    for (weights, G, ranks), wh in zip(groups, whitenings):
-        Gw = G.to(dtype)
-        for name, k in ranks.items():
-            tasks.append(partial(_factorize, weights[name], Gw, k, method, dtype, wh))
-            names.append(name)
-            sizes.append(weights[name].numel())
-    return dict(zip(names, run_each(tasks, sizes=sizes)))
+    that read the input with Gram G; only those in the ranks are factorized (:func:`map_block`)."""
+    rank = {name: k for _, _, ranks in groups for name, k in ranks.items()}
+
+    def work(name: str, W: torch.Tensor, G: torch.Tensor, Gw: torch.Tensor, wh: Whitening | None) -> Factors:
+        W = W.to(dtype)
+        if method == "swift":
+            return swift_factorize(W, Gw, rank[name])
+        if method == "whiten":
+            return whiten_factorize(W, Gw, rank[name], wh)
+        return svd_factorize(W, rank[name])
+
+    return map_block([({n: weights[n] for n in ranks}, G) for weights, G, ranks in groups], method, dtype, "cpu",
+                     work)
 
 
 def reconstruction_error(W: torch.Tensor, W_approx: torch.Tensor, G: torch.Tensor) -> tuple[float, float]:

@@ -41,8 +41,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .factorize import METHODS, PRECISIONS, Whitening, output_spectrum, svd_basis, swift_basis, whiten_basis
-from .linalg_pool import run_each
+from .factorize import PRECISIONS, Whitening, map_block, output_spectrum, svd_basis, swift_basis, whiten_basis
 from .paths import cache_root
 from .ranks import break_even
 
@@ -117,40 +116,27 @@ def _error_curve(W: torch.Tensor, G: torch.Tensor, L: torch.Tensor, R: torch.Ten
     return curve.clamp_min(0)
 
 
-def _decompose_linear(W: torch.Tensor, G: torch.Tensor, Gw: torch.Tensor, whitening: Whitening | None,
-                      method: str, dtype: torch.dtype, device: torch.device | str) -> LinearSpectrum:
-    """LinearSpectrum (in host memory) of one linear; ``Gw`` is its input's Gram ``G`` at ``dtype``."""
-    W = W.detach().to(device, dtype)
-    m, n = W.shape
-    K = max(break_even(m, n), 0)
-    if method == "swift":
-        lam, left = swift_basis(W, Gw, K)
-        values = lam.to(torch.float64).cpu()
-        return LinearSpectrum.in_memory(values, left.cpu(), None, _tails(values, K))
-    values = output_spectrum(W, Gw).to(torch.float64).cpu()  # for allocation
-    left, right = whiten_basis(W, whitening, K) if method == "whiten" else svd_basis(W, K)
-    return LinearSpectrum.in_memory(values, left.cpu(), right.cpu(), _error_curve(W, G, left, right).cpu())
-
-
 def decompose_block(groups: Sequence[tuple[dict[str, torch.Tensor], torch.Tensor]], method: str,
                     precision: str = "fp32", device: torch.device | str = "cpu") -> dict[str, LinearSpectrum]:
     """LinearSpectrum (in host memory) of every linear of one block. ``groups`` pairs the linears
     that read one input ({name: weight}) with that input's Gram G. The decompositions run on
-    ``device``; on the CPU they run side by side (:mod:`.linalg_pool`)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    ``device``; on the CPU side by side (``factorize.map_block``)."""
     dtype = PRECISIONS[precision]
-    grams = [G.to(device) for _, G in groups]
-    whitenings = (run_each([partial(Whitening, G) for G in grams], device) if method == "whiten"
-                  else [None] * len(grams))
-    tasks, names, sizes = [], [], []
-    for (weights, _), G, wh in zip(groups, grams, whitenings):
-        Gw = G.to(dtype)
-        for name, W in weights.items():
-            tasks.append(partial(_decompose_linear, W, G, Gw, wh, method, dtype, device))
-            names.append(name)
-            sizes.append(W.numel())
-    return dict(zip(names, run_each(tasks, device, sizes)))
+
+    def work(_name: str, W: torch.Tensor, G: torch.Tensor, Gw: torch.Tensor,
+             whitening: Whitening | None) -> LinearSpectrum:
+        W = W.detach().to(device, dtype)
+        m, n = W.shape
+        K = max(break_even(m, n), 0)
+        if method == "swift":
+            lam, left = swift_basis(W, Gw, K)
+            values = lam.to(torch.float64).cpu()
+            return LinearSpectrum.in_memory(values, left.cpu(), None, _tails(values, K))
+        values = output_spectrum(W, Gw).to(torch.float64).cpu()  # for allocation
+        left, right = whiten_basis(W, whitening, K) if method == "whiten" else svd_basis(W, K)
+        return LinearSpectrum.in_memory(values, left.cpu(), right.cpu(), _error_curve(W, G, left, right).cpu())
+
+    return map_block(groups, method, dtype, device, work)
 
 
 # ----------------------------------------------------------------------------- on disk
