@@ -15,13 +15,13 @@ folder becomes the cache entry; with it off, it is a temporary folder under
 ``cache_root()/tmp`` removed at the end. A fresh run and a cache hit both build factors from
 the same stored float32 bases, so a cache hit is byte-identical.
 
-Cache layout: ``cache_root()/stats/<model-key>/<calib-sha256[:16]>-<method>-<precision>[-cuda]/``
-(``-cuda`` for decompositions made on a GPU)
+Cache layout: ``cache_root()/stats/<model-key>/<calib-sha256[:16]>-<method>-<precision>[-shrinkβ][-cuda]/``
+(``-shrinkβ`` for a shrunk covariance, ``-cuda`` for decompositions made on a GPU)
 with ``block-NNNN.safetensors`` files and ``meta.json`` (written last, then the folder is
 renamed into place). ``cache_root()`` is ``$SWIFTSVD_CACHE`` or ``~/.cache/swiftsvd-export``;
 ``model-key`` hashes the resolved model folder path. ``meta.json`` records the model
 fingerprint (config.json bytes + size and mtime of each weight file), the calibration hash
-and shape, the method and precision, the cache format version, and the SHA-256 of every
+and shape, the method, precision and shrinkage, the cache format version, and the SHA-256 of every
 block file. An entry whose metadata does not match (stale) or whose files fail the checksum
 or cannot be parsed (corrupt) is reported with a warning, ignored and recomputed. For
 SmolLM2-135M (30 blocks, 210 linears) an entry is about 0.23 GB.
@@ -101,6 +101,19 @@ def _tails(values: torch.Tensor, K: int) -> torch.Tensor:
     return tails[:K + 1].clone()
 
 
+def _shrunk_tails(values: torch.Tensor, K: int, W: torch.Tensor, G: torch.Tensor, U: torch.Tensor,
+                  beta: float) -> torch.Tensor:
+    """swift's error curve on the calibration Gram G when its eigenvectors U (out x K) are those of
+    the shrunk C_β = W·((1−β)G + βD)·Wᵀ (eigenvalues ``values``, D = diag(G)). C = (C_β − β·W·D·Wᵀ)/(1−β),
+    so with A = UᵀW the error left at rank k, tr(C) − Σ_{i≤k} u_iᵀCu_i, is
+    (Σ_{i>k} λ_i − β·Σ_j d_j·(‖W_:,j‖² − Σ_{i≤k} A_ij²)) / (1−β): one GEMM for A, no product with G."""
+    d = G.diagonal().to(W.dtype)
+    per_row = ((U.T @ W).square() @ d).to(torch.float64).cpu()  # Σ_j d_j A_ij², at the working precision
+    kept = torch.cat([per_row.new_zeros(1), per_row.cumsum(0)])  # Σ_{i≤k}, k = 0..K
+    total_d = (W.to(torch.float64).square().sum(0) @ G.diagonal().to(torch.float64)).cpu()  # Σ_j d_j ‖W_:,j‖²
+    return ((_tails(values, K) - beta * (total_d - kept)) / (1 - beta)).clamp_min(0)
+
+
 def _error_curve(W: torch.Tensor, G: torch.Tensor, L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     """curve[k] = tr((W − L_k R_k) G (W − L_k R_k)ᵀ) for k = 0..K, without forming W − L_k R_k."""
     W, G, L, R = (t.to(torch.float64) for t in (W, G, L, R))
@@ -117,10 +130,13 @@ def _error_curve(W: torch.Tensor, G: torch.Tensor, L: torch.Tensor, R: torch.Ten
 
 
 def decompose_block(groups: Sequence[tuple[dict[str, torch.Tensor], torch.Tensor]], method: str,
-                    precision: str = "fp32", device: torch.device | str = "cpu") -> dict[str, LinearSpectrum]:
+                    precision: str = "fp32", device: torch.device | str = "cpu",
+                    shrink: float = 0.0) -> dict[str, LinearSpectrum]:
     """LinearSpectrum (in host memory) of every linear of one block. ``groups`` pairs the linears
     that read one input ({name: weight}) with that input's Gram G. The decompositions run on
-    ``device``; on the CPU side by side (``factorize.map_block``)."""
+    ``device``; on the CPU side by side (``factorize.map_block``). With ``shrink`` > 0 they see the
+    shrunk Gram (``factorize.shrink_gram``; the eigenvalues are its), while the error curve stays
+    the error on the calibration activations themselves."""
     dtype = PRECISIONS[precision]
 
     def work(_name: str, W: torch.Tensor, G: torch.Tensor, Gw: torch.Tensor,
@@ -131,12 +147,13 @@ def decompose_block(groups: Sequence[tuple[dict[str, torch.Tensor], torch.Tensor
         if method == "swift":
             lam, left = swift_basis(W, Gw, K)
             values = lam.to(torch.float64).cpu()
-            return LinearSpectrum.in_memory(values, left.cpu(), None, _tails(values, K))
+            curve = _tails(values, K) if shrink == 0 else _shrunk_tails(values, K, W, G, left, shrink)
+            return LinearSpectrum.in_memory(values, left.cpu(), None, curve)
         values = output_spectrum(W, Gw).to(torch.float64).cpu()  # for allocation
         left, right = whiten_basis(W, whitening, K) if method == "whiten" else svd_basis(W, K)
         return LinearSpectrum.in_memory(values, left.cpu(), right.cpu(), _error_curve(W, G, left, right).cpu())
 
-    return map_block(groups, method, dtype, device, work)
+    return map_block(groups, method, dtype, device, work, shrink)
 
 
 # ----------------------------------------------------------------------------- on disk
@@ -249,16 +266,19 @@ def model_fingerprint(folder: str | Path) -> str:
 
 
 def entry_path(folder: str | Path, calib_hash: str, method: str, precision: str = "fp32",
-               device: str = "cpu") -> Path:
+               device: str = "cpu", shrink: float = 0.0) -> Path:
     """A GPU's decompositions differ from the CPU's in the last bits (and, where eigenvalues at the
-    cut are tied below round-off, in which eigenvectors are kept), so each device type has its own entry."""
+    cut are tied below round-off, in which eigenvectors are kept), so each device type has its own
+    entry; so has each covariance shrinkage."""
     key = hashlib.sha256(str(Path(folder).resolve()).encode()).hexdigest()[:16]
     kind = torch.device(device).type
-    suffix = "" if kind == "cpu" else f"-{kind}"
+    suffix = ("" if shrink == 0 else f"-shrink{shrink:g}") + ("" if kind == "cpu" else f"-{kind}")
     return cache_root() / "stats" / f"{Path(folder).name}-{key}" / f"{calib_hash[:16]}-{method}-{precision}{suffix}"
 
 
-def expected_meta(folder: str | Path, calib: dict, method: str, precision: str = "fp32") -> dict:
-    return {"cache_format": CACHE_FORMAT, "model_fingerprint": model_fingerprint(folder),
+def expected_meta(folder: str | Path, calib: dict, method: str, precision: str = "fp32",
+                  shrink: float = 0.0) -> dict:
+    meta = {"cache_format": CACHE_FORMAT, "model_fingerprint": model_fingerprint(folder),
             "calib_sha256": calib["token_sha256"], "nsamples": calib["nsamples"],
             "seqlen": calib["seqlen"], "method": method, "precision": precision}
+    return dict(meta, shrink=shrink) if shrink else meta  # entries made before --shrink stay valid

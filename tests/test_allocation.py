@@ -10,12 +10,13 @@ import torch
 from swiftsvd_export.allocation import (dynamic_ranks, effective_rank, min_max_linear_params, rank_bounds,
                                         truncation_loss)
 from swiftsvd_export.cli import main
-from swiftsvd_export.compress import CompressConfig, compress, compress_model, file_layout, linear_shapes
+from swiftsvd_export.compress import (CompressConfig, build_manifest, compress, compress_model, file_layout,
+                                     linear_shapes)
 from swiftsvd_export.errors import SwiftSVDError
 from swiftsvd_export.lowrank import LowRankLinear
 from swiftsvd_export.models import load_model
 from swiftsvd_export.ranks import break_even, param_count
-from swiftsvd_export.stats_cache import entry_path
+from swiftsvd_export.stats_cache import entry_path, expected_meta
 
 
 @pytest.fixture(autouse=True)
@@ -150,13 +151,14 @@ def test_cache_hit_is_byte_identical_and_retargets(tiny_model_dir, calib_txt, me
 
 
 def test_swift_error_equals_discarded_eigenvalues(tiny_model_dir, calib_txt):
+    """The exact objective (--shrink 0): the reported error is the tail of the output covariance's spectrum."""
     from swiftsvd_export.factorize import reconstruction_error
 
     m, tok, folder = load_model(str(tiny_model_dir))
     dense = {n: m.get_submodule(n).weight.detach().clone() for n in linear_shapes(m, __import__(
         "swiftsvd_export.architectures", fromlist=["x"]).spec_for(m.config))}
-    res = compress_model(m, tok, _cfg(tiny_model_dir, ratio=0.5, allocation="dynamic", calib=str(calib_txt)),
-                         source=folder)
+    res = compress_model(m, tok, _cfg(tiny_model_dir, ratio=0.5, allocation="dynamic", calib=str(calib_txt),
+                                      shrink=0.0), source=folder)
     spectra = res.stats.spectra
     name = "model.layers.1.mlp.gate_proj"
     k = res.ranks[name]
@@ -172,7 +174,7 @@ def test_stale_and_corrupt_cache_entries_are_recomputed(tiny_model_dir, calib_tx
     compress_model(m, tok, cfg, source=folder)
     from swiftsvd_export.calibration import build_calibration
 
-    entry = entry_path(folder, build_calibration(tok, calib_txt, 8, 64).hash, "swift")
+    entry = entry_path(folder, build_calibration(tok, calib_txt, 8, 64).hash, "swift", shrink=cfg.shrink)
     assert (entry / "meta.json").is_file()
     path = entry / "block-0001.safetensors"
     ref = _factors(m)
@@ -276,8 +278,8 @@ def test_refit_lowers_the_error_against_dense_outputs(tiny_model_dir, calib_txt)
     outs = {}
     for refit in (False, True):
         m, tok, folder = load_model(str(tiny_model_dir))
-        compress_model(m, tok, _cfg(tiny_model_dir, ratio=0.6, calib=str(calib_txt), sequential=True, refit=refit),
-                       source=folder)
+        compress_model(m, tok, _cfg(tiny_model_dir, ratio=0.6, calib=str(calib_txt), sequential=True, refit=refit,
+                                    shrink=0.0), source=folder)
         outs[refit] = m
     a = outs[False].model.layers[1].mlp.down_proj.B.weight
     b = outs[True].model.layers[1].mlp.down_proj.B.weight
@@ -298,7 +300,8 @@ def test_refit_b_is_the_least_squares_optimum_on_the_inputs_it_gets(tiny_model_d
     from swiftsvd_export.calibration import build_calibration
     from swiftsvd_export.compress import refit_b
 
-    cfg = _cfg(tiny_model_dir, ratio=0.5, calib=str(calib_txt), sequential=True, refit=True, allocation="uniform")
+    cfg = _cfg(tiny_model_dir, ratio=0.5, calib=str(calib_txt), sequential=True, refit=True, allocation="uniform",
+               shrink=0.0)  # b0 below is the unshrunk least-squares B
     dense, tok, folder = load_model(str(tiny_model_dir))
     m, _, _ = load_model(str(tiny_model_dir))
     compress_model(m, tok, cfg, source=folder)
@@ -510,3 +513,36 @@ def test_cache_entry_per_device_type(tmp_path):
     assert cpu.name == f"{h[:16]}-swift-fp32" and entry_path(tmp_path, h, "swift", "fp32", "cpu") == cpu
     assert entry_path(tmp_path, h, "swift", "fp32", "cuda:1") == entry_path(tmp_path, h, "swift", "fp32", "cuda") \
         == cpu.with_name(cpu.name + "-cuda")
+
+
+def test_cache_entry_per_shrinkage(tmp_path):
+    """Each --shrink has its own entry; entries written before --shrink existed stay valid for 0."""
+    h = "cd" * 32
+    plain = entry_path(tmp_path, h, "swift", "fp32")
+    assert entry_path(tmp_path, h, "swift", "fp32", shrink=0.0) == plain
+    assert entry_path(tmp_path, h, "swift", "fp32", shrink=0.2).name == f"{h[:16]}-swift-fp32-shrink0.2"
+    assert entry_path(tmp_path, h, "swift", "fp32", "cuda", 0.2).name == f"{h[:16]}-swift-fp32-shrink0.2-cuda"
+    calib = {"token_sha256": h, "nsamples": 8, "seqlen": 64}
+    assert "shrink" not in expected_meta(tmp_path, calib, "swift") and \
+        expected_meta(tmp_path, calib, "swift", shrink=0.2)["shrink"] == 0.2
+
+
+def test_shrink_trades_calibration_error_and_is_cached_and_recorded(tiny_model_dir, calib_txt):
+    """At the same ranks the shrunk factors have a larger error on the calibration activations
+    (β = 0 is their optimum); a second run with the same --shrink hits its own cache entry and
+    rebuilds the same factors; the manifest records the value."""
+    kw = dict(ratio=0.4, calib=str(calib_txt), allocation="uniform")
+    m0, tok, folder = load_model(str(tiny_model_dir))
+    r0 = compress_model(m0, tok, _cfg(tiny_model_dir, **kw, shrink=0.0), source=folder)
+    m1, _, _ = load_model(str(tiny_model_dir))
+    cfg = _cfg(tiny_model_dir, **kw, shrink=0.3)
+    r1 = compress_model(m1, tok, cfg, source=folder)
+    assert r1.choice["stats_cache"] == "written" and r1.choice["stats_cache_path"].endswith("-shrink0.3")
+    assert r1.ranks == r0.ranks and r1.normalized_error > r0.normalized_error * (1 + 1e-6)
+    m2, _, _ = load_model(str(tiny_model_dir))
+    r2 = compress_model(m2, tok, cfg, source=folder)
+    assert r2.choice["stats_cache"] == "hit"
+    f1, f2 = _factors(m1), _factors(m2)
+    assert f1.keys() == f2.keys() and all(torch.equal(f1[n][0], f2[n][0]) and torch.equal(f1[n][1], f2[n][1])
+                                          for n in f1)
+    assert build_manifest(cfg, r1, str(folder))["config"]["shrink"] == 0.3

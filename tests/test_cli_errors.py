@@ -126,3 +126,10 @@ def test_refit_ridge_out_of_range(capsys, tmp_path, tiny_model_dir, ridge):
     code, err = _run(capsys, "compress", str(tiny_model_dir), str(out), "--ratio", "0.4", "--sequential", "--refit",
                      "--refit-ridge", ridge)
     _assert_clean_failure(code, err, out, "--refit-ridge must be a positive number")
+
+
+@pytest.mark.parametrize("beta", ["1", "-0.1", "nan"])
+def test_shrink_out_of_range(capsys, tmp_path, tiny_model_dir, beta):
+    out = tmp_path / "o"
+    code, err = _run(capsys, "compress", str(tiny_model_dir), str(out), "--ratio", "0.4", "--shrink", beta)
+    _assert_clean_failure(code, err, out, "--shrink must be in [0, 1)")

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from swiftsvd_export.factorize import (factorize_block, output_covariance, reconstruction_error,
+from swiftsvd_export.factorize import (factorize_block, output_covariance, reconstruction_error, shrink_gram,
                                        swift_factorize, whiten_factorize)
+from swiftsvd_export.stats_cache import decompose_block
 
 
 def _problem(out_f, in_f, n_tokens, seed=0, rank_x=None):
@@ -67,3 +68,35 @@ def test_group_factorization_shares_input_and_keeps_only_requested():
     assert set(out) == {"q"} and out["q"].rank == 5
     with pytest.raises(ValueError):
         factorize_block([({"q": W1}, G, {"q": 5})], "nope")
+
+
+def test_shrink_gram_pulls_off_diagonals_toward_zero_and_stays_psd():
+    _, _, G = _problem(8, 24, 100, rank_x=6)  # a singular G: shrinkage makes it definite
+    assert shrink_gram(G, 0.0) is G
+    S = shrink_gram(G, 0.25)
+    off = ~torch.eye(24, dtype=torch.bool)
+    assert torch.equal(S.diagonal(), G.diagonal())
+    assert torch.allclose(S[off], 0.75 * G[off], rtol=1e-14, atol=0)
+    assert torch.linalg.eigvalsh(S)[0] > 0 and torch.linalg.eigvalsh(G)[0] < 1e-8 * G.diagonal().max()
+
+
+@pytest.mark.parametrize("method", ["swift", "whiten"])
+def test_decompose_block_with_shrink_solves_the_shrunk_problem_and_reports_the_true_error(method):
+    """With --shrink β the bases are the optimum for (1-β)·G + β·diag(G) (swift and whiten alike),
+    while the stored error curve stays the error on the calibration activations (G itself), which
+    β = 0 minimizes: shrinkage gives up calibration error for robustness, never the reverse."""
+    W, _, G = _problem(20, 32, 300, seed=3)
+    beta = 0.3
+    Gs = shrink_gram(G, beta)
+    shrunk = decompose_block([({"w": W}, G)], method, "fp64", shrink=beta)["w"]
+    exact = decompose_block([({"w": W}, G)], method, "fp64")["w"]
+    eig = torch.linalg.eigvalsh(output_covariance(W, Gs)).flip(0)
+    for k in (2, 7, 12):
+        A, B = shrunk.factors(W, k)
+        err_true = reconstruction_error(W, B @ A, G)[0]
+        assert shrunk.error(k)[0] == pytest.approx(err_true, rel=1e-9)
+        assert reconstruction_error(W, B @ A, Gs)[0] == pytest.approx(eig[k:].sum().item(), rel=1e-8)
+        assert err_true > exact.error(k)[0] * (1 + 1e-6)  # the shrunk factors are not G's optimum
+    assert shrunk.error(0)[0] == pytest.approx(exact.error(0)[0], rel=1e-12)  # ‖XWᵀ‖² of the true G
+    if method == "swift":
+        assert torch.allclose(shrunk.values, eig, rtol=1e-10, atol=1e-10 * eig[0].item())

@@ -4,6 +4,7 @@
     python tools/bench_allocation.py compare --ratios 0.2 --heldout-windows 0 --ppl-windows 64
     python tools/bench_allocation.py refit --ratios 0.2 --heldout-windows 16 --ppl-windows 64
     python tools/bench_allocation.py retarget
+    python tools/bench_allocation.py shrink --ratios 0.2 0.4 --shrinks 0 0.05 0.1 0.2 0.3 --ppl-windows 16
     python tools/bench_allocation.py table
 
 Model SmolLM2-135M. Calibration: WikiText-2 train prefix, 64 x 512 tokens (seed 0), read from
@@ -21,7 +22,11 @@ Parts (each one job of a few minutes, so they can run one at a time under the sh
   (``--refit-allocation``, uniform by default, as the default release), at the default
   ``--refit-ridge`` and at each of ``--refit-ridges`` (how the default was chosen, on held-out ppl);
 - ``retarget``: a cold compression in a fresh, empty cache folder, then re-targets from it
-  (in process, and ``swiftsvd-export compress`` processes end to end).
+  (in process, and ``swiftsvd-export compress`` processes end to end);
+- ``shrink``: per calibration text (WikiText-2 train, and the shipped self-generated set that
+  ``compress`` uses without ``--calib``), ratio and ``--shrinks`` value, the default compression
+  (dynamic allocation) with its covariances shrunk toward their diagonals (how ``--shrink``'s
+  default was chosen, on held-out ppl).
 
 ``--cache DIR`` reuses a statistics cache across parts (``compare``/``refit``; ``retarget``
 always starts from a fresh one). Every part merges its rows into ``--json`` (rows of the same
@@ -143,6 +148,24 @@ def part_refit(bench: Bench, args) -> list[dict]:
     return rows
 
 
+def part_shrink(bench: Bench, args) -> list[dict]:
+    """Per calibration text, shrinkage and ratio: the default compression (one calibration pass per
+    text and shrinkage; the other ratios re-target from its statistics cache entry)."""
+    from swiftsvd_export.calibration import DEFAULT_CALIBRATION
+
+    rows = [bench.dense_row()]
+    for source, calib in (("wikitext2", TRAIN), ("selfgen", DEFAULT_CALIBRATION)):
+        for beta in args.shrinks:
+            for r in args.ratios:
+                rows.append(dict(bench.run("shrink", r, shrink_config(source, beta), calib=str(calib), shrink=beta),
+                                 source=source, shrink=beta))
+    return rows
+
+
+def shrink_config(source: str, beta: float) -> str:
+    return f"{source} shrink {beta:g}"
+
+
 def cli_retarget(model: str, alloc: str, ratio: float, alpha: float, out: Path) -> float:
     """Wall time of a separate ``swiftsvd-export compress`` process hitting the warm cache."""
     cmd = [sys.executable, "-m", "swiftsvd_export.cli", "compress", model, str(out), "--ratio", str(ratio),
@@ -197,6 +220,24 @@ def merge(path: Path, rows: list[dict], meta: dict) -> dict:
     return data
 
 
+def shrink_table(rows: list[dict], metric: str, label: str, dense: dict) -> list[str]:
+    """One line per calibration text and ratio, one column per shrinkage."""
+    sel = [r for r in rows if r["part"] == "shrink" and metric in r]
+    if not sel:
+        return []
+    betas = sorted({r["shrink"] for r in sel})
+    lines = [f"\nshrink: {label} ppl, {sel[0][metric.replace('ppl', 'windows')]} x 512 tokens"
+             + (f" (dense {dense[metric]:.3f})" if metric in dense else ""),
+             "| calibration | ratio | " + " | ".join(f"shrink {b:g}" for b in betas) + " |",
+             "|---|---" + "|---" * len(betas) + "|"]
+    for source in sorted({r["source"] for r in sel}, key=lambda s: s != "wikitext2"):
+        for ratio in sorted({r["ratio"] for r in sel}):
+            cells = [next((f"{r[metric]:.3f}" for r in sel if (r["source"], r["ratio"], r["shrink"]) == (source, ratio, b)),
+                          "-") for b in betas]
+            lines.append(f"| {source} | {ratio} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def tables(data: dict) -> str:
     rows = data["rows"]
     dense = next((r for r in rows if r["part"] == "dense"), {})
@@ -205,6 +246,7 @@ def tables(data: dict) -> str:
                           ("test_ppl", "WikiText-2 test")):
         refit = ["sequential"] + sorted({r["config"] for r in rows if "refit_ridge" in r},
                                         key=lambda c: float(c.rsplit(" ", 1)[1]))
+        lines += shrink_table(rows, metric, label, dense)
         for part, configs in (("compare", [c for c, _ in COMPARE]), ("refit", refit)):
             sel = [r for r in rows if r["part"] == part and metric in r]
             if not sel:
@@ -231,7 +273,7 @@ def tables(data: dict) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=["compare", "refit", "retarget", "table"])
+    ap.add_argument("part", choices=["compare", "refit", "retarget", "shrink", "table"])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4, 0.6])
     ap.add_argument("--configs", nargs="+", default=[c for c, _ in COMPARE], choices=[c for c, _ in COMPARE])
@@ -242,6 +284,8 @@ def main() -> int:
     ap.add_argument("--refit-allocation", default="uniform", choices=["uniform", "dynamic"])
     ap.add_argument("--refit-ridges", type=float, nargs="*", default=[],
                     help="refit: ridges to try besides the default --refit-ridge (one table column each)")
+    ap.add_argument("--shrinks", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2, 0.3],
+                    help="shrink: the covariance shrinkages to compare (one calibration pass each per text)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", help="statistics cache folder to reuse (default: a fresh temporary one)")
     ap.add_argument("--json", default=str(ROOT / "bench_out" / "allocation.json"))
@@ -261,7 +305,8 @@ def main() -> int:
     os.environ["SWIFTSVD_CACHE"] = str(cache)  # read at call time by paths.cache_root()
     try:
         bench = Bench(args)
-        rows = {"compare": part_compare, "refit": part_refit, "retarget": part_retarget}[args.part](bench, args)
+        rows = {"compare": part_compare, "refit": part_refit, "retarget": part_retarget,
+                "shrink": part_shrink}[args.part](bench, args)
     finally:
         if fresh:
             shutil.rmtree(cache, ignore_errors=True)
