@@ -138,6 +138,10 @@ def svd_factorize(W: torch.Tensor, k: int) -> Factors:
     return Factors(A=A, B=B)
 
 
+def _shrunk_whitening(G: torch.Tensor, shrink: float) -> Whitening:
+    return Whitening(shrink_gram(G, shrink))
+
+
 def map_block(groups: Sequence[tuple[dict[str, torch.Tensor], torch.Tensor]], method: str, dtype: torch.dtype,
               device: torch.device | str, work: Callable[..., T], shrink: float = 0.0) -> dict[str, T]:
     """``work(name, W, G, Gw, whitening)`` for every linear of one block, side by side on the CPU
@@ -147,12 +151,11 @@ def map_block(groups: Sequence[tuple[dict[str, torch.Tensor], torch.Tensor]], me
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     groups = [(weights, G.to(device)) for weights, G in groups if weights]
-    used = [shrink_gram(G, shrink) for _, G in groups]
-    whitenings = (run_each([partial(Whitening, Gs) for Gs in used], device) if method == "whiten"
-                  else [None] * len(groups))
+    whitenings = (run_each([partial(_shrunk_whitening, G, shrink) for _, G in groups], device)
+                  if method == "whiten" else [None] * len(groups))
     tasks, names, sizes = [], [], []
-    for (weights, G), Gs, wh in zip(groups, used, whitenings):
-        Gw = Gs.to(dtype)
+    for (weights, G), wh in zip(groups, whitenings):
+        Gw = shrink_gram(G, shrink).to(dtype)  # the shrunk float64 copy is not kept
         for name, W in weights.items():
             tasks.append(partial(work, name, W, G, Gw, wh))
             names.append(name)
