@@ -48,13 +48,6 @@ IMPORTANCES = ("cos", "loss")
 # --refit's pull toward the plain factors (refit_b), chosen on held-out calibration windows
 # (SmolLM2, ratio 0.2: tools/bench_allocation.py refit --refit-ridges 1e-2 1).
 REFIT_RIDGE = 1e-1
-# --shrink's default: how far each input covariance is pulled toward its diagonal before the
-# decompositions (factorize.shrink_gram). Chosen on held-out WikiText-2 train windows (SmolLM2,
-# ratios 0.2 and 0.4, calibrated on WikiText-2 and on the shipped self-generated text:
-# tools/bench_allocation.py shrink): 0.05 beats 0 in all four cases (-0.5 % to -15 %); 0.1 ties it
-# on average but loses to 0 on WikiText-2 at 0.4. At ratio 0.6, 0.05 loses in-domain (+8.6 %) and
-# wins with the self-generated text (-45 %).
-SHRINK = 0.05
 
 
 @dataclass
@@ -65,7 +58,9 @@ class CompressConfig:
     ranks_file: str | None = None
     method: str = "swift"
     precision: str = "fp32"  # working precision of the decompositions (fp32 or fp64)
-    shrink: float = SHRINK  # covariance shrinkage toward the diagonal, in [0, 1) (factorize.shrink_gram)
+    # covariance shrinkage toward the diagonal, in [0, 1) (factorize.shrink_gram); 0 = the exact objective.
+    # Not on by default: it helps SmolLM2 and hurts Gemma 3 (README, "Covariance shrinkage")
+    shrink: float = 0.0
     calib: str | None = None
     text_field: str = "text"
     nsamples: int = 64

@@ -546,3 +546,4 @@ def test_shrink_trades_calibration_error_and_is_cached_and_recorded(tiny_model_d
     assert f1.keys() == f2.keys() and all(torch.equal(f1[n][0], f2[n][0]) and torch.equal(f1[n][1], f2[n][1])
                                           for n in f1)
     assert build_manifest(cfg, r1, str(folder))["config"]["shrink"] == 0.3
+

@@ -5,6 +5,7 @@
     python tools/bench_allocation.py refit --ratios 0.2 --heldout-windows 16 --ppl-windows 64
     python tools/bench_allocation.py retarget
     python tools/bench_allocation.py shrink --ratios 0.2 0.4 --shrinks 0 0.05 0.1 0.2 0.3 --ppl-windows 16
+    python tools/bench_allocation.py shrink --model gemma3-270m --nsamples 32 --calibs wikitext2 --shrinks 0 0.05
     python tools/bench_allocation.py table
 
 Model SmolLM2-135M. Calibration: WikiText-2 train prefix, 64 x 512 tokens (seed 0), read from
@@ -66,11 +67,12 @@ class Bench:
         t = time.perf_counter()
         self.dense, self.tok, self.folder = load_model(args.model)
         self.load_s = time.perf_counter() - t
-        self.base = dict(model=args.model, output=None, calib=str(TRAIN), nsamples=64, seqlen=512, seed=0,
+        self.base = dict(model=args.model, output=None, calib=str(TRAIN), nsamples=args.nsamples, seqlen=512, seed=0,
                          batch_size=8, progress=False, alpha=args.alpha, importance_windows=args.importance_windows)
         self.holdout = None
         if args.heldout_windows:
-            self.holdout = build_calibration(self.tok, TRAIN, 64, 512, 0, holdout=args.heldout_windows).holdout
+            self.holdout = build_calibration(self.tok, TRAIN, args.nsamples, 512, 0,
+                                             holdout=args.heldout_windows).holdout
         self.text = TEST.read_text(encoding="utf-8")
 
     def evaluate(self, model) -> dict:
@@ -155,6 +157,8 @@ def part_shrink(bench: Bench, args) -> list[dict]:
 
     rows = [bench.dense_row()]
     for source, calib in (("wikitext2", TRAIN), ("selfgen", DEFAULT_CALIBRATION)):
+        if source not in args.calibs:
+            continue
         for beta in args.shrinks:
             for r in args.ratios:
                 rows.append(dict(bench.run("shrink", r, shrink_config(source, beta), calib=str(calib), shrink=beta),
@@ -286,6 +290,9 @@ def main() -> int:
                     help="refit: ridges to try besides the default --refit-ridge (one table column each)")
     ap.add_argument("--shrinks", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2, 0.3],
                     help="shrink: the covariance shrinkages to compare (one calibration pass each per text)")
+    ap.add_argument("--calibs", nargs="+", default=["wikitext2", "selfgen"], choices=["wikitext2", "selfgen"],
+                    help="shrink: the calibration texts (selfgen: the shipped set, sampled from SmolLM2)")
+    ap.add_argument("--nsamples", type=int, default=64, help="calibration windows of 512 tokens (default 64)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", help="statistics cache folder to reuse (default: a fresh temporary one)")
     ap.add_argument("--json", default=str(ROOT / "bench_out" / "allocation.json"))
@@ -310,7 +317,7 @@ def main() -> int:
     finally:
         if fresh:
             shutil.rmtree(cache, ignore_errors=True)
-    meta = {"model": args.model, "calibration": "WikiText-2 train prefix, 64 x 512, seed 0", "alpha": args.alpha,
+    meta = {"model": args.model, "calibration": f"WikiText-2 train prefix, {args.nsamples} x 512, seed 0", "alpha": args.alpha,
             "importance_windows": args.importance_windows, "threads": args.threads,
             "model_load_s": bench.load_s}
     data = merge(path, rows, meta)
