@@ -47,8 +47,9 @@ class Factors:
 def shrink_gram(G: torch.Tensor, beta: float) -> torch.Tensor:
     """(1 − β)·G + β·diag(G): the Gram pulled toward its diagonal (covariance shrinkage with
     Ledoit–Wolf's diagonal target). The factors then lean less on the channel correlations of the
-    calibration text and keep its per-channel energies, which transfers better to text unlike it
-    (README, "Covariance shrinkage"). β = 0 returns G itself: the exact Swift-SVD objective."""
+    calibration text and keep its per-channel energies; whether that transfers better to other text
+    depends on the model (README, "Covariance shrinkage"). β = 0 returns G itself: the exact
+    Swift-SVD objective."""
     if beta == 0:
         return G
     out = G * (1 - beta)

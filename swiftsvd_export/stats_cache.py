@@ -107,10 +107,10 @@ def _shrunk_tails(values: torch.Tensor, K: int, W: torch.Tensor, G: torch.Tensor
     the shrunk C_β = W·((1−β)G + βD)·Wᵀ (eigenvalues ``values``, D = diag(G)). C = (C_β − β·W·D·Wᵀ)/(1−β),
     so with A = UᵀW the error left at rank k, tr(C) − Σ_{i≤k} u_iᵀCu_i, is
     (Σ_{i>k} λ_i − β·Σ_j d_j·(‖W_:,j‖² − Σ_{i≤k} A_ij²)) / (1−β): one GEMM for A, no product with G."""
-    d = G.diagonal().to(W.dtype)
-    per_row = ((U.T @ W).square() @ d).to(torch.float64).cpu()  # Σ_j d_j A_ij², at the working precision
+    d = G.diagonal().to(torch.float64)
+    per_row = ((U.T @ W).square() @ d.to(W.dtype)).to(torch.float64).cpu()  # Σ_j d_j A_ij², working precision
     kept = torch.cat([per_row.new_zeros(1), per_row.cumsum(0)])  # Σ_{i≤k}, k = 0..K
-    total_d = (W.to(torch.float64).square().sum(0) @ G.diagonal().to(torch.float64)).cpu()  # Σ_j d_j ‖W_:,j‖²
+    total_d = (W.to(torch.float64).square().sum(0) @ d).cpu()  # Σ_j d_j ‖W_:,j‖²
     return ((_tails(values, K) - beta * (total_d - kept)) / (1 - beta)).clamp_min(0)
 
 

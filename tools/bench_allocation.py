@@ -8,8 +8,8 @@
     python tools/bench_allocation.py shrink --model gemma3-270m --nsamples 32 --calibs wikitext2 --shrinks 0 0.05
     python tools/bench_allocation.py table
 
-Model SmolLM2-135M. Calibration: WikiText-2 train prefix, 64 x 512 tokens (seed 0), read from
-../shared (never copied). Two evaluations:
+Model SmolLM2-135M (``--model``). Calibration: WikiText-2 train prefix, ``--nsamples`` (64) x 512
+tokens (seed 0), read from ../shared (never copied). Two evaluations:
 - held-out: ``--heldout-windows`` windows of 512 tokens of the same WikiText-2 *train* stream that
   are not among the calibration windows (the next ones in the seeded permutation); choices
   (alpha, importance, refit) are made on this slice, never on the test set;
@@ -24,10 +24,10 @@ Parts (each one job of a few minutes, so they can run one at a time under the sh
   ``--refit-ridge`` and at each of ``--refit-ridges`` (how the default was chosen, on held-out ppl);
 - ``retarget``: a cold compression in a fresh, empty cache folder, then re-targets from it
   (in process, and ``swiftsvd-export compress`` processes end to end);
-- ``shrink``: per calibration text (WikiText-2 train, and the shipped self-generated set that
-  ``compress`` uses without ``--calib``), ratio and ``--shrinks`` value, the default compression
-  (dynamic allocation) with its covariances shrunk toward their diagonals (how ``--shrink``'s
-  default was chosen, on held-out ppl).
+- ``shrink``: per calibration text (``--calibs``: WikiText-2 train, and the shipped self-generated
+  set that ``compress`` uses without ``--calib``), ratio and ``--shrinks`` value, the default
+  compression (dynamic allocation) with its covariances shrunk toward their diagonals (how the
+  default release's ``shrink`` was chosen, on held-out ppl, and why ``compress`` keeps 0).
 
 ``--cache DIR`` reuses a statistics cache across parts (``compare``/``refit``; ``retarget``
 always starts from a fresh one). Every part merges its rows into ``--json`` (rows of the same
@@ -317,7 +317,9 @@ def main() -> int:
     finally:
         if fresh:
             shutil.rmtree(cache, ignore_errors=True)
-    meta = {"model": args.model, "calibration": f"WikiText-2 train prefix, {args.nsamples} x 512, seed 0", "alpha": args.alpha,
+    calibration = (f"{args.nsamples} x 512, seed 0, of " + (" and ".join(args.calibs) if args.part == "shrink"
+                                                           else "the WikiText-2 train prefix"))
+    meta = {"model": args.model, "calibration": calibration, "alpha": args.alpha,
             "importance_windows": args.importance_windows, "threads": args.threads,
             "model_load_s": bench.load_s}
     data = merge(path, rows, meta)
