@@ -4,9 +4,13 @@
 the output covariance C = W·G·Wᵀ, do ONE symmetric eigendecomposition, keep the top-k
 eigenvectors U_k, and set B = U_k, A = U_kᵀ·W. The error is exactly the sum of the discarded
 eigenvalues. When W is taller than wide (out > in), C has rank ≤ in, and we decompose the
-smaller matrix with the same nonzero spectrum instead: W = Q·R (Householder QR, Q never
-formed), C = Q·(R·G·Rᵀ)·Qᵀ, so U_k is Q applied to the top eigenvectors of R·G·Rᵀ. Still one
-eigh, no inverse, no Cholesky, fine with a singular G.
+smaller matrix with the same nonzero spectrum instead: with any R such that WᵀW = RᵀR,
+Q = W·R⁻¹ has orthonormal columns, C = Q·(R·G·Rᵀ)·Qᵀ, and U_k = W·R⁻¹·V_k for the top
+eigenvectors V_k of R·G·Rᵀ. R is the Cholesky factor of WᵀW: a GEMM and an in x in Cholesky,
+cheaper than a Householder QR (geqrf, then ormqr to apply Q) of the tall W. It
+squares W's condition number, so U_k is checked for orthonormality and the Householder QR
+takes over when W is too ill-conditioned (or rank-deficient). Still one eigh, no inverse of G,
+fine with a singular G.
 
 ``whiten`` is SVD-LLM: Cholesky G = S·Sᵀ (with its eigenvalue-shift jitter when G is not
 positive definite), SVD of W·S, factors through S⁻¹. It reaches the same optimum when G is
@@ -62,6 +66,20 @@ def output_covariance(W: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     return W @ G @ W.T
 
 
+def _gram_cholesky(W: torch.Tensor) -> torch.Tensor | None:
+    """Upper R (in x in) with WᵀW = RᵀR at W's precision (the Cholesky itself in float64); None
+    when WᵀW is not numerically positive definite (W rank-deficient)."""
+    R, info = torch.linalg.cholesky_ex((W.T @ W).to(torch.float64), upper=True)
+    return R.to(W.dtype) if int(info) == 0 else None
+
+
+def _orthonormal(U: torch.Tensor) -> bool:
+    """‖UᵀU − I‖_max ≤ √ε: the objective's excess over the optimum is second order in that
+    deviation, so ≤ ε relative."""
+    dev = (U.T @ U - torch.eye(U.shape[1], dtype=U.dtype, device=U.device)).abs().max()
+    return bool(dev <= torch.finfo(U.dtype).eps ** 0.5)
+
+
 def swift_basis(W: torch.Tensor, G: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(eigenvalues of C = W·G·Wᵀ in descending order, its top-k eigenvectors U_k (out x k)).
 
@@ -70,6 +88,12 @@ def swift_basis(W: torch.Tensor, G: torch.Tensor, k: int) -> tuple[torch.Tensor,
     if out_f <= in_f:
         lam, U = torch.linalg.eigh(output_covariance(W, G))
         return lam.flip(0), U.flip(-1)[:, :k].contiguous()
+    R = _gram_cholesky(W)
+    if R is not None:
+        lam, V = torch.linalg.eigh(R @ G @ R.T)
+        U = W @ torch.linalg.solve_triangular(R, V.flip(-1)[:, :k], upper=True)  # Q·V_k
+        if _orthonormal(U):
+            return lam.flip(0), U
     a, tau = torch.geqrf(W)  # W = Q·R in Householder form
     R = a[:in_f].triu()
     lam, V = torch.linalg.eigh(R @ G @ R.T)
@@ -82,7 +106,9 @@ def output_spectrum(W: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     """The eigenvalues of C = W·G·Wᵀ alone (descending), for the baselines' rank allocation."""
     if W.shape[0] <= W.shape[1]:
         return torch.linalg.eigvalsh(output_covariance(W, G)).flip(0)
-    R = torch.linalg.qr(W, mode="r")[1]
+    R = _gram_cholesky(W)
+    if R is None:
+        R = torch.linalg.qr(W, mode="r")[1]
     return torch.linalg.eigvalsh(R @ G @ R.T).flip(0)
 
 

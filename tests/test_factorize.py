@@ -100,3 +100,42 @@ def test_decompose_block_with_shrink_solves_the_shrunk_problem_and_reports_the_t
     assert shrunk.error(0)[0] == pytest.approx(exact.error(0)[0], rel=1e-12)  # ‖XWᵀ‖² of the true G
     if method == "swift":
         assert torch.allclose(shrunk.values, eig, rtol=1e-10, atol=1e-10 * eig[0].item())
+
+
+def _tall_with_condition(cond: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 48 x 32 W with singular values s spread over [1/cond, 1] (returns W, s)."""
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(48, 32, generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(32, 32, generator=g, dtype=torch.float64))[0]
+    s = torch.logspace(0, -torch.log10(torch.tensor(cond)).item(), 32, dtype=torch.float64)
+    return U @ torch.diag(s) @ V.T, s
+
+
+@pytest.mark.parametrize("case", ["well-conditioned", "ill-conditioned", "rank-deficient"])
+def test_tall_swift_is_optimal_and_householder_takes_over_only_when_cholesky_qr_is_unsafe(case, monkeypatch):
+    """A taller-than-wide W goes through the Cholesky factor of WᵀW (cheaper than a Householder QR);
+    when W is too ill-conditioned for that at the requested rank (the basis would not be
+    orthonormal) or rank-deficient (WᵀW not definite), the Householder QR takes over. Either way
+    the error is the optimum."""
+    calls = []
+    real_geqrf = torch.geqrf
+    monkeypatch.setattr(torch, "geqrf", lambda A: calls.append(A.shape) or real_geqrf(A))
+    if case == "ill-conditioned":  # G = I: the optimum is Σ_{i>k} s_i², known from the construction
+        W, s = _tall_with_condition(1e7)
+        G, k = torch.eye(32, dtype=torch.float64), 30
+        optimum = (s[k:] ** 2).sum().item()
+    else:
+        W, _ = _tall_with_condition(10.0)
+        if case == "rank-deficient":
+            W[:, 20:] = W[:, :12]  # 12 repeated columns: rank 20 of 32
+        G, k = _problem(48, 32, n_tokens=400, seed=3)[2], 7
+        eig = torch.linalg.eigvalsh(output_covariance(W, G))
+        optimum = eig[: eig.numel() - k].clamp_min(0).sum().item()
+    f = swift_factorize(W, G, k)
+    assert bool(calls) == (case != "well-conditioned")
+    assert _err(W, f, G) == pytest.approx(optimum, rel=1e-6 if case == "ill-conditioned" else 1e-9)
+    assert torch.allclose(f.B.T @ f.B, torch.eye(k, dtype=torch.float64), atol=1e-12, rtol=0)
+    if case == "well-conditioned":
+        f32 = swift_factorize(W.float(), G.float(), k)
+        assert len(calls) == 0
+        assert _err(W, f32, G) == pytest.approx(optimum, rel=1e-4)
