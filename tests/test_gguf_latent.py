@@ -111,7 +111,8 @@ def test_gguf_defaults_to_latent_v_when_v_is_factorized(tiny, tiny_model_dir, tm
 def _open(path, n_ctx=1024, **kw):
     from swiftsvd_export.backends.gguf import runtime
 
-    return runtime.open_model(path, n_ctx=n_ctx, n_threads=2, logits_all=True, n_batch=N_BATCH, kv_f32=True, **kw)
+    return runtime.open_model(path, n_ctx=n_ctx, n_threads=2, logits_all=True, n_batch=N_BATCH,
+                              **{"kv_f32": True, **kw})
 
 
 @pytest.mark.llamacpp
@@ -138,6 +139,15 @@ def test_latent_parity(tiny, ids, layout):
     assert new == runtime.greedy(dense, prompt, 64)
 
 
+def _prefill_then_steps(llm, prompt: list[int], cont: list[int]) -> np.ndarray:
+    """Logits of ``prompt`` (one batch) followed by ``cont`` one token at a time."""
+    llm.reset()
+    llm.eval(prompt)
+    for t in cont:
+        llm.eval([t])
+    return np.array(llm.scores[: len(prompt) + len(cont)], dtype=np.float32)
+
+
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("layout", ["latent-v", "latent-kv"])
 def test_prefill_then_decode_equals_recompute(tiny, ids, layout):
@@ -147,13 +157,50 @@ def test_prefill_then_decode_equals_recompute(tiny, ids, layout):
 
     llm = _open(tiny[3][layout])
     prompt, cont = ids[:300], ids[300:340]
-    llm.reset()
-    llm.eval(prompt)
-    for t in cont:
-        llm.eval([t])
-    stepwise = np.array(llm.scores[: len(prompt) + len(cont)], dtype=np.float32)
+    stepwise = _prefill_then_steps(llm, prompt, cont)
     full = runtime.logits(llm, prompt + cont)
     assert np.abs(stepwise - full).max() <= 1e-3
+
+
+@pytest.fixture(scope="module")
+def sharp(tiny, tmp_path_factory):
+    """(torch model, {layout: F32 GGUF}) of the tiny model with q_proj and k_proj scaled by 10: its
+    attention is peaked, so an output row that took another query head's scores is far off (with the
+    near-uniform attention of ``tiny`` such an error moves the logits by only ~3e-3)."""
+    root = tmp_path_factory.mktemp("gguf-sharp")
+    tok = tiny[2]
+    model = make_tiny_llama(seed=3)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(25.0)
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(10.0)
+            layer.self_attn.k_proj.weight.mul_(10.0)
+    _factorize(model, RANKS)
+    save_lowrank(model, root / "lowrank", dtype="fp32", tokenizer=tok)
+    ggufs = {}
+    for layout in ("dense", "latent-v"):
+        ggufs[layout] = root / f"{layout}.gguf"
+        export_gguf(root / "lowrank", ggufs[layout], factor_type="f32", embed_type="f32", quiet=True,
+                    kv_cache=layout)
+    return model.eval(), ggufs
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("layout", ["dense", "latent-v"])
+def test_one_token_steps_with_f16_cache_match_recompute_and_torch(sharp, ids, layout):
+    """One decoded token's attention with grouped queries (patch 0004: the query heads of a KV head
+    are the columns of one product) over the F16 cache users run: the logits of 40 one-token steps
+    equal a full recompute's (prompt path, no grouping) and torch's. Measured: 4e-6 and 4e-4; with
+    the query heads grouped the wrong way round, 0.45 for both."""
+    _need_build()
+    from swiftsvd_export.backends.gguf import parity, runtime
+
+    model, ggufs = sharp
+    llm = _open(ggufs[layout], kv_f32=False)
+    prompt, cont = ids[:300], ids[300:340]
+    stepwise = _prefill_then_steps(llm, prompt, cont)
+    assert np.abs(stepwise - runtime.logits(llm, prompt + cont)).max() <= 1e-4
+    assert np.abs(stepwise - parity.torch_logits(model, prompt + cont)).max() <= 2e-3
 
 
 @pytest.mark.llamacpp

@@ -9,10 +9,14 @@
 down to a multiple of 32) when no compressed folder is at hand.
 
 Speeds are measured side by side: for each (type, threads) one child process loads every model and
-alternates between them token by token, so all models see the same machine load (this VM's 2 cores
-are shared). Prefill tokens/s on 128 tokens (median of ``--repeats``) and decode tokens/s at
-context 128 and 1024 (median over ``--decode`` tokens of llama.cpp's own per-token timing,
-llama_perf_context) come from llama.cpp; peak RSS is a separate child per model (VmHWM).
+the models take turns of ``--turn`` decoded tokens (default 8), so all models see the same machine
+load (this VM's 2 cores are shared). Prefill tokens/s on 128 tokens (median of ``--repeats``) and
+decode tokens/s at context 128 and 1024 (the median over ``--decode`` tokens of llama.cpp's own
+per-token timing, llama_perf_context, leaving out the first 2 tokens of every turn) come from
+llama.cpp; peak RSS is a separate child per model (VmHWM). ``--turn 1`` alternates token by token,
+as this benchmark did until 2026-12-01: then every token starts right after another model's, with
+that model's data in the caches, a cost a user decoding with one model never pays; it is the same
+for every model, so it lowers the measured speedups.
 ``--wait`` picks OpenMP's wait policy for the children: ggml's barriers between graph nodes are OpenMP
 barriers, so ``passive`` puts a thread to sleep and wakes it at every node (~2 per matmul), ``active``
 spins. The table also gives the bytes each decoded token reads and the speedup
@@ -26,6 +30,7 @@ the largest fixed cost at which the most compressed model could still meet 0.9 �
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -55,8 +60,10 @@ def child_rss(gguf: str, threads: int, n_decode: int, prefill: int, contexts: li
 
 
 def child_speed(ggufs: list[str], threads: int, n_decode: int, prefill: int, contexts: list[int],
-                repeats: int, flash_attn: bool = False) -> list[dict]:
-    """Prefill and decode speeds of several models, interleaved (same load for all), from llama.cpp's timings."""
+                repeats: int, flash_attn: bool = False, turn: int = 8) -> list[dict]:
+    """Prefill and decode speeds of several models, interleaved (same load for all), from llama.cpp's
+    timings. Decode: the models take turns of ``turn`` tokens; the first 2 of a turn are left out (the
+    first token after a switch pays for the other model's data in the caches)."""
     import numpy as np
 
     from swiftsvd_export.backends.gguf import runtime
@@ -86,13 +93,16 @@ def child_speed(ggufs: list[str], threads: int, n_decode: int, prefill: int, con
             runtime.perf_reset(llm)
         ms: list[list[float]] = [[] for _ in llms]
         last = [0.0] * len(llms)
-        for t in toks[ctx:ctx + n_decode]:
+        warm = min(2, turn - 1)
+        for start in range(ctx, ctx + n_decode, turn):
             for i, llm in enumerate(llms):
-                llm.eval([t])
-                runtime.sync(llm)
-                total = runtime.perf(llm)["t_eval_ms"]
-                ms[i].append(total - last[i])
-                last[i] = total
+                for j, t in enumerate(toks[start:min(start + turn, ctx + n_decode)]):
+                    llm.eval([t])
+                    runtime.sync(llm)
+                    total = runtime.perf(llm)["t_eval_ms"]
+                    if j >= warm:
+                        ms[i].append(total - last[i])
+                    last[i] = total
         for i in range(len(llms)):
             q1, med, q3 = np.percentile(ms[i], [25, 50, 75])
             out[i][f"decode_tok_s@{ctx}"] = 1e3 / med
@@ -162,6 +172,9 @@ def main() -> int:
     ap.add_argument("--types", nargs="+", default=["f16", "q8_0"])
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--decode", type=int, default=48, help="tokens decoded per context (default 48)")
+    ap.add_argument("--turn", nargs="+", type=int, default=[8],
+                    help="tokens each model decodes before the next one's turn, each a set of rows (default 8; "
+                         "1 = token by token, the first 2 of a longer turn are not timed)")
     ap.add_argument("--repeats", type=int, default=5, help="prefill repeats (default 5)")
     ap.add_argument("--prefill", type=int, default=128)
     ap.add_argument("--contexts", nargs="+", type=int, default=[128, 1024])
@@ -182,7 +195,7 @@ def main() -> int:
                                        a.flash_attn == ["on"])))
         else:
             print(json.dumps(child_speed(a.child, a.threads[0], a.decode, a.prefill, a.contexts, a.repeats,
-                                         a.flash_attn == ["on"])))
+                                         a.flash_attn == ["on"], a.turn[0])))
         return 0
 
     import logging
@@ -222,16 +235,16 @@ def main() -> int:
         sizes = {label: tensor_bytes(p) for label, p in paths.items()}  # (weight bytes, KV bytes per position)
         for fa in a.flash_attn:
             for th in a.threads:
-                for wait in (["passive"] if th == 1 else a.wait):
+                for wait, turn in itertools.product(["passive"] if th == 1 else a.wait, a.turn):
                     res = run_child(["--child", *map(str, paths.values()), "--threads", str(th),
-                                     "--flash-attn", fa, *common], wait)
+                                     "--flash-attn", fa, "--turn", str(turn), *common], wait)
                     for (label, path), r in zip(paths.items(), res):
                         nbytes, kv_per_position = sizes[label]
-                        r.update(model=label, source=str(path), type=t, threads=th, flash_attn=fa,
+                        r.update(model=label, source=str(path), type=t, threads=th, flash_attn=fa, turn=turn,
                                  omp_wait_policy=wait if th > 1 else "-", file_mib=path.stat().st_size / 2**20,
                                  bytes_per_token=nbytes, kv_bytes_per_position=kv_per_position, **rss[label])
                         rows.append(r)
-                        print(f"  {label:6} {t:5} {th}t {r['omp_wait_policy']:7} fa={fa}: " + ", ".join(
+                        print(f"  {label:6} {t:5} {th}t {r['omp_wait_policy']:7} fa={fa} turn={turn}: " + ", ".join(
                             f"{k}={v:.1f}" for k, v in r.items() if isinstance(v, float)), flush=True)
 
     dense = {tuple(r[k] for k in CELL): r for r in rows if r["model"] == "dense"}
@@ -245,7 +258,7 @@ def main() -> int:
                 r[f"expected_speedup@{ctx}"] = expected
                 r[f"speedup@{ctx}"] = r[f"decode_tok_s@{ctx}"] / d[f"decode_tok_s@{ctx}"]
                 r[f"meets_0.9x_target@{ctx}"] = r[f"speedup@{ctx}"] >= 0.9 * expected
-    hdr = ("| model | type | threads | wait | flash attn | file MiB | prefill tok/s | " +
+    hdr = ("| model | type | threads | wait | flash attn | turn | file MiB | prefill tok/s | " +
            " | ".join(f"decode tok/s @{c}" for c in a.contexts) +
            " | peak RSS MiB | predicted speedup @" + " / @".join(map(str, a.contexts)) +
            " | speedup @" + " / @".join(map(str, a.contexts)) + " | ≥ 0.9 × predicted |")
@@ -254,13 +267,14 @@ def main() -> int:
         sp = " / ".join(f"{r.get(f'speedup@{c}', float('nan')):.2f}" for c in a.contexts)
         ex = " / ".join(f"{r.get(f'expected_speedup@{c}', float('nan')):.2f}" for c in a.contexts)
         met = " / ".join("yes" if r.get(f"meets_0.9x_target@{c}") else "no" for c in a.contexts)
-        lines.append(f"| {r['model']} | {r['type']} | {r['threads']} | {r['omp_wait_policy']} | {r['flash_attn']} | {r['file_mib']:.1f} | "
+        lines.append(f"| {r['model']} | {r['type']} | {r['threads']} | {r['omp_wait_policy']} | {r['flash_attn']} | {r['turn']} | {r['file_mib']:.1f} | "
                      f"{r['prefill_tok_s']:.0f} | " +
                      " | ".join(f"{r[f'decode_tok_s@{c}']:.1f}" for c in a.contexts) +
                      f" | {r['peak_rss_mib']:.0f} | {ex} | {sp} | {'—' if r['model'] == 'dense' else met} |")
     print("\n".join(lines))
     a.json.write_text(json.dumps({"cpu_count": os.cpu_count(), "loadavg_at_end": os.getloadavg(),
                                   "decode_tokens": a.decode, "prefill_repeats": a.repeats,
+                                  "llama_cpp_lib": os.environ.get("LLAMA_CPP_LIB_PATH") or str(patched_lib_dir()),
                                   "rows": rows, "table": lines}, indent=2) + "\n")
     print("\nms per token = bytes / bandwidth + fixed, fitted over the models of each cell "
           "(python tools/benchlib.py fit JSON):")

@@ -45,7 +45,7 @@ def fit_fixed_cost(bytes_read: list[float], ms_per_token: list[float]) -> dict:
             "max_abs_residual_ms": float(np.abs(residual).max()), "ceiling_fixed_ms": float(ceiling)}
 
 
-CELL = ("type", "threads", "omp_wait_policy", "flash_attn")  # what a side-by-side cell of rows shares
+CELL = ("type", "threads", "omp_wait_policy", "flash_attn", "turn")  # what a side-by-side cell of rows shares
 
 
 def fits_of_results(path: str | Path) -> list[dict]:
@@ -72,10 +72,10 @@ def fits_of_results(path: str | Path) -> list[dict]:
 
 def fits_table(fits: list[dict]) -> list[str]:
     """Markdown rows of ``fits``: what a token costs beyond its bytes, against what the target allows."""
-    lines = ["| type | threads | wait | flash attn | context | bandwidth GB/s | fixed ms/token | fixed share of "
-             "dense | max residual ms | fixed ms the target allows |", "|" + "---|" * 10]
+    lines = ["| type | threads | wait | flash attn | turn | context | bandwidth GB/s | fixed ms/token | fixed share of "
+             "dense | max residual ms | fixed ms the target allows |", "|" + "---|" * 11]
     for f in fits:
-        lines.append(f"| {f['type']} | {f['threads']} | {f['omp_wait_policy']} | {f['flash_attn']} | {f['context']} | "
+        lines.append(f"| {f['type']} | {f['threads']} | {f['omp_wait_policy']} | {f['flash_attn']} | {f['turn']} | {f['context']} | "
                      f"{f['bandwidth_gb_s']:.1f} | {f['fixed_ms']:.2f} | {100 * f['fixed_share_of_first']:.0f} % | "
                      f"{f['max_abs_residual_ms']:.2f} | {f['ceiling_fixed_ms']:.2f} |")
     return lines
