@@ -16,6 +16,12 @@ Layouts (per layer; batch and sequence axes omitted):
 ``LatentLlama`` runs a transformers Llama with LowRankLinear modules (``lowrank.load``) under
 one of these layouts, sharing its weights; ``torch.onnx.export`` traces the same module, so the
 ONNX graph and this reference are one piece of code.
+
+Attention (``ATTENTIONS``): ``plain`` exports the products, the softmax and the cache append as ONNX
+ops; ``gqa`` (dense layout only) exports each layer's attention as one onnxruntime
+``GroupQueryAttention`` (com.microsoft) node, whose cache can be one preallocated buffer that the
+op appends to in place (``backends.onnx.runtime``): the plain graph's Concat copies the whole cache
+at every step.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from .errors import SwiftSVDError
 from .lowrank import LowRankLinear
 
 LAYOUTS = ("dense", "latent-v", "latent-kv")
+ATTENTIONS = ("plain", "gqa")
 _NEEDS = {"dense": (), "latent-v": ("v_proj",), "latent-kv": ("k_proj", "v_proj")}
 
 
@@ -176,6 +183,46 @@ class LatentKey(nn.Module):
         return k, present
 
 
+class _GroupQueryAttention(torch.autograd.Function):
+    """Grouped-query attention over a cache, exported as one onnxruntime GroupQueryAttention node.
+
+    q (b, t, heads·d), k and v (b, t, kv_heads·d) with RoPE applied; past_k/past_v (b, kv_heads, s, d);
+    mask (b, 1, t, s + t), additive, also passed to the node as its ``attention_bias`` (padding);
+    returns (out (b, t, heads·d), present_k, present_v). The node's causal rule and this mask
+    agree; ``seqlens_k`` and ``total_sequence_length`` come from the mask's width, so new keys go
+    right after the ``s`` past ones, wherever a shared buffer's capacity ends."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, past_k, past_v, mask, heads: int, kv_heads: int, scale: float):
+        b, t, _ = q.shape
+        d = past_k.shape[-1]
+        present_k = torch.cat([past_k, k.view(b, t, kv_heads, d).transpose(1, 2)], dim=2)
+        present_v = torch.cat([past_v, v.view(b, t, kv_heads, d).transpose(1, 2)], dim=2)
+        qg = q.view(b, t, kv_heads, heads // kv_heads, d).permute(0, 2, 3, 1, 4).reshape(b, kv_heads, -1, d)
+        scores = (qg @ present_k.transpose(2, 3) * scale).view(b, heads, t, -1) + mask
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        out = (probs.view(b, kv_heads, -1, probs.shape[-1]) @ present_v).view(b, heads, t, d)
+        return out.transpose(1, 2).reshape(b, t, heads * d), present_k, present_v
+
+    @staticmethod
+    def symbolic(g, q, k, v, past_k, past_v, mask, heads, kv_heads, scale):
+        int32 = torch.onnx.TensorProtoDataType.INT32
+        width = g.op("Gather", g.op("Shape", mask), g.op("Constant", value_t=torch.tensor(3)), axis_i=0)
+        total = g.op("Cast", width, to_i=int32)  # scalar: past + new tokens
+        batch = g.op("Slice", g.op("Shape", q), g.op("Constant", value_t=torch.tensor([0])),
+                     g.op("Constant", value_t=torch.tensor([1])))
+        seqlens = g.op("Expand", g.op("Sub", total, g.op("Constant", value_t=torch.tensor(1, dtype=torch.int32))),
+                       batch)
+        # the optional cos_cache, sin_cache, position_ids inputs before attention_bias are left empty
+        # by ``backends.onnx.latent_export.fill_optional_inputs`` (TorchScript has no empty input)
+        out, pk, pv = g.op("com.microsoft::GroupQueryAttention", q, k, v, past_k, past_v, seqlens, total, mask,
+                           num_heads_i=heads, kv_num_heads_i=kv_heads, scale_f=scale, outputs=3)
+        out.setType(q.type())
+        pk.setType(past_k.type())
+        pv.setType(past_v.type())
+        return out, pk, pv
+
+
 class LatentAttention(nn.Module):
     """Llama self-attention over a cache in one of ``LAYOUTS``; projections shared with the source model.
 
@@ -183,9 +230,9 @@ class LatentAttention(nn.Module):
     an exported graph keeps their MatMuls under ``k_proj/A``, ``v_proj/B``, ... as the checks expect.
     """
 
-    def __init__(self, attn: nn.Module, config, layout: str):
+    def __init__(self, attn: nn.Module, config, layout: str, attention: str = "plain"):
         super().__init__()
-        self.layout = layout
+        self.layout, self.attention = layout, attention
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim, self.scaling = head_dim(config), attn.scaling
         self.q_proj, self.o_proj = attn.q_proj, attn.o_proj
@@ -199,7 +246,14 @@ class LatentAttention(nn.Module):
         """rope_q: (cos, sin, R) at the new positions; rope_k: at every key position (latent-kv only).
 
         Reshapes keep batch and sequence sizes symbolic (``reshape``), so the traced graph has no
-        shape arithmetic; the scaling sits right after QKᵀ so ORT fuses it into that MatMul."""
+        shape arithmetic; the scaling sits right after QKᵀ so ORT fuses it into that MatMul.
+        ``gqa``: rope_q's cos/sin are (b, t, 1, d), for q and k in (b, t, heads, d)."""
+        if self.attention == "gqa":
+            q = reshape(rotate(reshape(self.q_proj(x), 0, 0, -1, self.head_dim), *rope_q), 0, 0, -1)
+            k = reshape(rotate(reshape(self.k_proj(x), 0, 0, -1, self.head_dim), *rope_q), 0, 0, -1)
+            out, present_k, present_v = _GroupQueryAttention.apply(q, k, self.v_proj(x), past_k, past_v, mask,
+                                                                   self.heads, self.kv_heads, float(self.scaling))
+            return self.o_proj(out), present_k, present_v
         q = rotate(self._heads(self.q_proj(x), self.heads), *rope_q)
         if self.layout == "latent-kv":
             k, present_k = self.k_proj(x, past_k)
@@ -221,10 +275,10 @@ class LatentAttention(nn.Module):
 
 
 class LatentLayer(nn.Module):
-    def __init__(self, layer: nn.Module, config, layout: str):
+    def __init__(self, layer: nn.Module, config, layout: str, attention: str = "plain"):
         super().__init__()
         self.input_layernorm, self.post_attention_layernorm = layer.input_layernorm, layer.post_attention_layernorm
-        self.self_attn = LatentAttention(layer.self_attn, config, layout)
+        self.self_attn = LatentAttention(layer.self_attn, config, layout, attention)
         self.mlp = layer.mlp
 
     def forward(self, h, rope_q, rope_k, mask, past_k, past_v):
@@ -234,21 +288,23 @@ class LatentLayer(nn.Module):
 
 
 class LatentBackbone(nn.Module):
-    def __init__(self, model: nn.Module, layout: str):
+    def __init__(self, model: nn.Module, layout: str, attention: str = "plain"):
         super().__init__()
         inner = model.model
         self.embed_tokens, self.norm, self.rotary_emb = inner.embed_tokens, inner.norm, inner.rotary_emb
-        self.layers = nn.ModuleList(LatentLayer(layer, model.config, layout) for layer in inner.layers)
+        self.layers = nn.ModuleList(LatentLayer(layer, model.config, layout, attention) for layer in inner.layers)
         self.register_buffer("rot", rotate_half_matrix(head_dim(model.config)), persistent=False)
+        self.head_axis = 2 if attention == "gqa" else 1  # (b, t, heads, d) for gqa, else (b, heads, t, d)
 
-    def _rope(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(cos, sin, R) for ``rotate``, computed once per step for all layers."""
+    def _rope(self, h: torch.Tensor, positions: torch.Tensor, head_axis: int = 1) -> tuple[torch.Tensor, ...]:
+        """(cos, sin, R) for ``rotate``, computed once per step for all layers; cos/sin get a
+        size-1 axis where the tensors they rotate have their heads."""
         cos, sin = self.rotary_emb(h, positions)
-        return cos.unsqueeze(1), sin.unsqueeze(1), self.rot.to(h.dtype)
+        return cos.unsqueeze(head_axis), sin.unsqueeze(head_axis), self.rot.to(h.dtype)
 
     def forward(self, input_ids, attention_mask, position_ids, key_positions, past):
         h = self.embed_tokens(input_ids)
-        rope_q = self._rope(h, position_ids)
+        rope_q = self._rope(h, position_ids, self.head_axis)
         rope_k = self._rope(h, key_positions) if key_positions is not None else None
         mask = causal_mask(attention_mask, input_ids.shape[1], h.dtype)
         present = []
@@ -268,15 +324,16 @@ class LatentLlama(nn.Module):
     by ``latent-kv``; ``attention_mask`` covers past and new tokens (batch, past_len + t).
     """
 
-    def __init__(self, model: nn.Module, layout: str):
+    def __init__(self, model: nn.Module, layout: str, attention: str = "plain"):
         super().__init__()
         if not spec_for(model.config).latent_kv:
             raise SwiftSVDError(f"the torch reference with an explicit KV cache models Llama attention only; "
                                 f"model_type {model.config.model_type!r} is not supported")
         self.ranks = model_ranks(model)
         check_layout(layout, model.config, self.ranks)
-        self.layout, self.config = layout, model.config
-        self.model = LatentBackbone(model, layout)
+        check_attention(attention, layout)
+        self.layout, self.attention, self.config = layout, attention, model.config
+        self.model = LatentBackbone(model, layout, attention)
         self.lm_head = model.lm_head
         self.shapes = cache_shapes(model.config, self.ranks, layout)
 
@@ -304,6 +361,14 @@ class LatentLlama(nn.Module):
         extra = [torch.arange(past_len).expand(b, past_len)] if self.layout == "latent-kv" else []
         logits, *present = self(ids, mask, pos, *extra, *cache)
         return logits, present
+
+
+def check_attention(attention: str, layout: str) -> None:
+    if attention not in ATTENTIONS:
+        raise SwiftSVDError(f"unknown attention {attention!r}; choose one of {', '.join(ATTENTIONS)}")
+    if attention == "gqa" and layout != "dense":
+        raise SwiftSVDError(f"--attention gqa needs the dense KV cache (GroupQueryAttention caches K and V "
+                            f"per head); this export asks for {layout}: add --kv-cache dense")
 
 
 def causal_mask(attention_mask: torch.Tensor, t: int, dtype: torch.dtype) -> torch.Tensor:

@@ -27,12 +27,15 @@ expands K and V per query head every step (a cost compression does not shrink).
 default for them (the dense model keeps its dense cache; its bytes per position count in the target).
 ``--stack-a on|both`` exports the compressed models with ``export --stack-a`` (one MatMul for the A
 factors of q/k/v and one for gate/up); ``both`` measures each ratio with and without it in the same
-children, side by side.
+children, side by side. ``--attention gqa`` exports every model (dense included) with ``export
+--attention gqa``: each layer's attention is one GroupQueryAttention kernel and the project's
+runtime appends to a preallocated cache in place instead of copying it every step.
 
     python tools/bench_onnx.py --out bench_onnx.json              # ~10 min on 2 busy cores
     python tools/bench_onnx.py --threads 1 --decode-steps 8        # shorter
     python tools/bench_onnx.py --graph optimum --out bench_onnx_optimum.json
     python tools/bench_onnx.py --stack-a both --reps 4 --decode-steps 32
+    python tools/bench_onnx.py --attention gqa --stack-a both --reps 4 --decode-steps 32
 """
 from __future__ import annotations
 
@@ -180,6 +183,9 @@ def main() -> int:
                     help="the compressed models' A factors of q/k/v and gate/up as one MatMul each "
                          "(`export --stack-a`): off (default), on, or both (each ratio twice, side by side; "
                          "the fit uses the unstacked ones)")
+    ap.add_argument("--attention", choices=("plain", "gqa"), default="plain",
+                    help="every model's attention (traced graph, dense cache): plain ONNX ops (default) or "
+                         "onnxruntime's GroupQueryAttention with the cache appended in place (`export --attention gqa`)")
     ap.add_argument("--work", default="bench_onnx_work", help="folder for the exported graphs (reused)")
     ap.add_argument("--out", default="bench_onnx.json")
     ap.add_argument("--separate", action="store_true",
@@ -190,6 +196,8 @@ def main() -> int:
     a = ap.parse_args()
     if a.kv_cache != "dense" and a.graph != "traced":
         ap.error(f"--kv-cache {a.kv_cache} needs --graph traced")
+    if a.attention == "gqa" and (a.graph != "traced" or a.kv_cache != "dense"):
+        ap.error("--attention gqa needs --graph traced and --kv-cache dense")
     contexts = [int(c) for c in a.contexts.split(",")]
     if a.child:
         print(json.dumps(child(a.child[0], int(a.child[1]), a.prefill, contexts, a.decode_steps, a.reps)))
@@ -215,7 +223,8 @@ def main() -> int:
     for name, ratio, stack_a in variants:
         kv_cache = a.kv_cache if ratio is not None else "dense"
         dst = folders[name] = work / (name if a.graph == "optimum" else
-                                      f"{name}-traced" + ("" if kv_cache == "dense" else f"-{kv_cache}"))
+                                      f"{name}-traced" + ("" if kv_cache == "dense" else f"-{kv_cache}")
+                                      + ("-gqa" if a.attention == "gqa" else ""))
         if not (dst / "summary.json").is_file():
             t = time.time()
             src = given.get(str(ratio)) if ratio is not None else None
@@ -224,7 +233,7 @@ def main() -> int:
                 svd_compress(model, ratio)
             export_onnx(src or f"smollm2-135m (truncated SVD r={ratio})" if ratio else "smollm2-135m", dst,
                         model=model, tokenizer=tok, overwrite=True, graph=a.graph, kv_cache=kv_cache,
-                        stack_a=stack_a)
+                        stack_a=stack_a, attention=a.attention)
             print(f"exported {name} in {time.time() - t:.0f}s", file=sys.stderr)
         summaries[name] = json.loads((dst / "summary.json").read_text())
 
@@ -272,7 +281,7 @@ def main() -> int:
               + " ".join(f"{r[f'speedup@{c}']:>8.2f}" for c in contexts) + " "
               + " ".join(f"{r[f'target_speedup@{c}']:>8.2f}" for c in contexts)
               + f" {r['peak_rss_mb']:>7.0f}")
-    meta = {"graph": a.graph, "kv_cache_compressed": a.kv_cache, "stack_a": a.stack_a, "decode_speeds": "separate children" if a.separate else "interleaved in one child", "cpu_count": os.cpu_count(), "load_avg_at_end": os.getloadavg(), "prefill": a.prefill,
+    meta = {"graph": a.graph, "kv_cache_compressed": a.kv_cache, "stack_a": a.stack_a, "attention": a.attention, "decode_speeds": "separate children" if a.separate else "interleaved in one child", "cpu_count": os.cpu_count(), "load_avg_at_end": os.getloadavg(), "prefill": a.prefill,
             "contexts": contexts, "decode_steps": a.decode_steps, "reps": a.reps,
             "compressed_source": given or "truncated SVD in tools/bench_onnx.py"}
     Path(a.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")

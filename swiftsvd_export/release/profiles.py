@@ -5,7 +5,8 @@ Profile file::
 
     description = "..."
     format = "onnx" | "gguf"
-    [export]          # onnx: precision, quantize, block_size, accuracy_level, mobile, imatrix, stack_a; gguf: factor_type, a_type,
+    [export]          # onnx: precision, quantize, block_size, accuracy_level, mobile, imatrix, stack_a,
+                      # attention ("gqa": dense cache); gguf: factor_type, a_type,
                       # embed_type, imatrix (4-bit weights weighted by the release's calibration; default true);
                       # both: kv_cache (default: latent-v when v_proj is factorized everywhere, else dense)
     [requires]        # rank_multiple: compress ranks must be a multiple of it (quantization blocks)
@@ -19,6 +20,7 @@ from ..backends.gguf.cli import EMBED_TYPES, FACTOR_TYPES
 from ..backends.onnx.cli import GRAPHS as ONNX_GRAPHS
 from ..backends.onnx.cli import PRECISIONS, QUANTIZE
 from ..errors import SwiftSVDError
+from ..latent_kv import ATTENTIONS, check_attention
 from ..latent_kv import LAYOUTS as KV_LAYOUTS
 from .schema import read_toml, take
 
@@ -29,7 +31,7 @@ PROFILE_SCHEMA = {"description": str, "format": FORMATS, "export": dict, "requir
 EXPORT_SCHEMA = {
     "onnx": {"precision": PRECISIONS, "quantize": QUANTIZE, "block_size": int, "accuracy_level": int, "mobile": bool,
              "kv_cache": KV_LAYOUTS,
-             "graph": ONNX_GRAPHS, "imatrix": bool, "stack_a": bool},
+             "graph": ONNX_GRAPHS, "imatrix": bool, "stack_a": bool, "attention": ATTENTIONS},
     "gguf": {"factor_type": FACTOR_TYPES, "a_type": FACTOR_TYPES, "embed_type": EMBED_TYPES, "kv_cache": KV_LAYOUTS,
              "imatrix": bool},
 }
@@ -77,6 +79,7 @@ def load_profile(ref: str, base_dir: Path, profiles_dir: Path = PROFILES_DIR) ->
             validate_options(export.get("precision", "fp32"), export.get("quantize", "none"),
                              export.get("block_size"), export.get("kv_cache") or "dense", export.get("graph"),
                              export.get("accuracy_level"))
+            check_attention(export.get("attention", "plain"), export.get("kv_cache") or "dense")
         except SwiftSVDError as e:
             raise SwiftSVDError(f"{path}: [export] {e}") from None
     rank_multiple = requires.get("rank_multiple", 1)

@@ -29,6 +29,12 @@ def add_export_arguments(group) -> None:
                        help="one MatMul for the A factors of the linears that read one input (q/k/v, "
                             "gate/up), split by their ranks: the same latents, fewer and wider kernels "
                             "(faster decode with 2+ threads); each linear is still B·(A·x)")
+    group.add_argument("--attention", default="plain", metavar="{plain,gqa}",
+                       help="attention of the traced graph with a dense KV cache: plain (default; ONNX "
+                            "ops, the cache appended by a Concat that copies it every step) or gqa "
+                            "(onnxruntime's GroupQueryAttention, one kernel per layer; the project's "
+                            "runtime then appends to one preallocated cache in place). Both load in "
+                            "optimum's ORTModelForCausalLM; gqa implies --kv-cache dense")
     group.add_argument("--onnx-graph", default=None, metavar="{traced,optimum}",
                        help="who writes the decoder graph: traced (the project's torch reference, lean; "
                             "the default for Llama-family models, and needed by a latent cache) or optimum "
@@ -52,7 +58,8 @@ def run_export(args) -> int:
                 block_size=args.block_size, mobile=args.mobile, overwrite=args.overwrite,
                 accuracy_level=getattr(args, "accuracy_level", None),
                 kv_cache=getattr(args, "kv_cache", None),  # None: latent-v when v_proj is factorized everywhere
-                graph=getattr(args, "onnx_graph", None), stack_a=getattr(args, "stack_a", False))
+                graph=getattr(args, "onnx_graph", None), stack_a=getattr(args, "stack_a", False),
+                attention=getattr(args, "attention", "plain"))
     return 0
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from ...atomic import atomic_dir, check_output
 from ...architectures import spec_for
 from ...errors import SwiftSVDError
-from ...latent_kv import LAYOUTS, check_layout, default_layout, kv_bytes_per_token
+from ...latent_kv import LAYOUTS, check_attention, check_layout, default_layout, kv_bytes_per_token
 from .cli import GRAPHS, PRECISIONS, QUANTIZE
 from .graph import PairReport, check_pairs, initializer_bytes, onnx_prefix, ort_optimized, shape_counts
 from .latent_export import METADATA_KEY, check_latent_pairs, export_traced_graph, write_layout
@@ -200,7 +200,8 @@ def export_onnx(model_dir: str | Path, output: str | Path, precision: str = "fp3
                 block_size: int | None = None, mobile: bool = False, overwrite: bool = False,
                 opset: int | None = None, model=None, tokenizer=None, kv_cache: str | None = "dense",
                 graph: str | None = None, imatrix_calib: str | Path | None = None, imatrix_samples: int = 16,
-                text_field: str = "text", accuracy_level: int | None = None, stack_a: bool = False) -> dict:
+                text_field: str = "text", accuracy_level: int | None = None, stack_a: bool = False,
+                attention: str = "plain") -> dict:
     """Export ``model_dir`` to the folder ``output``; returns the summary written to summary.json.
 
     ``kv_cache`` picks the cache layout (``latent_kv.LAYOUTS``); a latent layout on a model whose
@@ -218,10 +219,15 @@ def export_onnx(model_dir: str | Path, output: str | Path, precision: str = "fp3
     ``accuracy_level``: MatMulNBits' compute (``quantize.ACCURACY_LEVELS``; None: 4, int8 activations).
     ``stack_a``: one MatMul for the A factors of the linears that read one input (q/k/v, gate/up),
     split by their ranks (``stack.py``).
+    ``attention``: ``latent_kv.ATTENTIONS``; ``gqa`` (traced graph, dense cache; None for
+    ``kv_cache`` then means dense) writes each layer's attention as one GroupQueryAttention.
     """
     import onnx
 
+    if attention == "gqa" and kv_cache is None:
+        kv_cache = "dense"
     validate_options(precision, quantize, block_size, kv_cache or "dense", graph, accuracy_level)
+    check_attention(attention, kv_cache or "dense")
     output = Path(output)
     check_output(output, overwrite)
     t0 = time.time()
@@ -246,6 +252,9 @@ def export_onnx(model_dir: str | Path, output: str | Path, precision: str = "fp3
     check_layout(kv_cache, config, ranks)
     if graph is None:
         graph = "traced" if spec_for(config).latent_kv else "optimum"
+    if attention == "gqa" and graph != "traced":
+        raise SwiftSVDError(f"--attention gqa is written by the traced graph, which models Llama attention "
+                            f"only; model_type {config.model_type!r} exports through optimum")
     own_graph = graph == "traced"  # traced from the torch reference, not optimum's exporter
 
     with atomic_dir(output, overwrite=overwrite) as tmp:
@@ -253,7 +262,7 @@ def export_onnx(model_dir: str | Path, output: str | Path, precision: str = "fp3
         if not own_graph:
             raw = export_graph(model, raw_dir, opset=opset)
         else:
-            raw = export_traced_graph(model, raw_dir, kv_cache, opset=opset)
+            raw = export_traced_graph(model, raw_dir, kv_cache, opset=opset, attention=attention)
             config.save_pretrained(raw_dir)
             if getattr(model, "generation_config", None) is not None:
                 model.generation_config.save_pretrained(raw_dir)
@@ -314,6 +323,7 @@ def export_onnx(model_dir: str | Path, output: str | Path, precision: str = "fp3
             "precision": precision, "quantization": quant_info,
             "lowrank": bool(factors), "factorized_linears": len(factors),
             "tied_head_as_fusedmatmul": bool(fused_head), "stacked_a_groups": stacked,
+            "attention": attention,
             "ranks": ranks,
             "kv_cache": {"layout": kv_cache, "metadata_key": METADATA_KEY,
                          "bytes_per_token_fp32": kv_bytes_per_token(config, ranks, kv_cache),

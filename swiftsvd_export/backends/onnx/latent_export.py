@@ -11,7 +11,10 @@ cache can be traced too, as a like-for-like baseline). I/O, with ``L`` the layer
 
 with the cache shapes of ``latent_kv.cache_shapes``: a latent is (batch, 1, seq, rank), shared by
 all heads; a dense entry is (batch, kv_heads, seq, head_dim). The layout is stored in the model's
-metadata (``swiftsvd.kv_cache``) so the runtime needs no side file.
+metadata (``swiftsvd.kv_cache``) so the runtime needs no side file; so is ``swiftsvd.attention``
+= ``gqa`` for a graph whose attention is onnxruntime's GroupQueryAttention (``latent_kv.ATTENTIONS``):
+the same I/O, and a runtime may pass one preallocated buffer per cache entry as both past and
+present, which the op then appends to in place.
 
 Graph check: every factorized linear stays two MatMuls. k_proj under ``latent-kv`` still has its
 A and B MatMuls (B now reads the cached latents of all positions), checked by ``check_pairs``;
@@ -32,6 +35,7 @@ from .graph import DTYPE_NAMES, PairReport, a_factor, check_pairs, matmul_weight
 from .quantize import save_model
 
 METADATA_KEY = "swiftsvd.kv_cache"
+ATTENTION_KEY = "swiftsvd.attention"
 OPSET = 17
 
 
@@ -43,9 +47,11 @@ def io_names(latent: LatentLlama) -> tuple[list[str], list[str]]:
     return inputs, ["logits"] + [f"present.{n}" for n in latent.cache_names()]
 
 
-def export_traced_graph(model, out_dir: Path, layout: str, opset: int | None = None) -> Path:
-    """Trace ``LatentLlama(model, layout)`` into ``out_dir/model.onnx`` (fp32) with the layout in its metadata."""
-    latent = LatentLlama(model, layout).eval()
+def export_traced_graph(model, out_dir: Path, layout: str, opset: int | None = None,
+                        attention: str = "plain") -> Path:
+    """Trace ``LatentLlama(model, layout, attention)`` into ``out_dir/model.onnx`` (fp32) with the
+    layout (and a ``gqa`` attention) in its metadata."""
+    latent = LatentLlama(model, layout, attention).eval()
     batch, seq, past = 2, 3, 4  # sizes of the trace; every one of them is a dynamic axis
     cache = [torch.randn(batch, h, past, w) for kv in latent.shapes for h, w in kv]
     args: list[torch.Tensor] = [torch.randint(0, model.config.vocab_size, (batch, seq)),
@@ -68,14 +74,34 @@ def export_traced_graph(model, out_dir: Path, layout: str, opset: int | None = N
         try:
             torch.onnx.export(latent, tuple(args + cache), str(path), input_names=inputs, output_names=outputs,
                               dynamic_axes={k: v for k, v in axes.items() if k in inputs + outputs},
-                              opset_version=opset or OPSET, do_constant_folding=True, dynamo=False)
+                              opset_version=opset or OPSET, do_constant_folding=True, dynamo=False,
+                              custom_opsets={"com.microsoft": 1} if attention == "gqa" else None)
         except Exception as e:  # the tracer raises many types; report one line
             raise SwiftSVDError(f"ONNX export of the {layout} graph failed: {type(e).__name__}: {e}") from e
     proto = onnx.load(str(path))
     unfold_tied_head(proto)
+    fill_optional_inputs(proto)
     set_layout(proto, layout)
+    if attention == "gqa":
+        onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, ATTENTION_KEY: "gqa"})
     save_model(proto, path)
     return path
+
+
+GQA_BIAS_INPUT = 10  # GroupQueryAttention's attention_bias, after cos_cache, sin_cache, position_ids
+
+
+def fill_optional_inputs(model: onnx.ModelProto) -> int:
+    """Give each traced GroupQueryAttention node its attention_bias at input 10: the tracer wrote
+    it right after total_sequence_length, with no way to leave the optional inputs between empty."""
+    n = 0
+    for node in model.graph.node:
+        if node.op_type == "GroupQueryAttention" and len(node.input) == 8:
+            bias = node.input[7]
+            del node.input[7]
+            node.input.extend([""] * (GQA_BIAS_INPUT - 7) + [bias])
+            n += 1
+    return n
 
 
 def unfold_tied_head(model: onnx.ModelProto) -> int:

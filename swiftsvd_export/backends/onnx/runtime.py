@@ -7,7 +7,11 @@ head_dim) for a dense cache, (batch, 1, past_len, rank) for a latent one (the la
 model metadata, ``swiftsvd.kv_cache``); a ``latent-kv`` graph also takes ``past_position_ids``,
 the positions of the cached cells, to rotate the keys it rebuilds. Prefill passes an empty cache
 (past_len = 0); each decode step feeds the previous ``present`` back as ``past`` as OrtValues,
-so the cache is not copied through numpy between steps.
+so the cache is not copied through numpy between steps. A graph whose attention is onnxruntime's
+GroupQueryAttention (metadata ``swiftsvd.attention`` = ``gqa``) gets one preallocated buffer per
+cache entry instead, bound as both past and present (IO binding): the op appends the new tokens in
+place, where the other graphs copy the whole cache into a new present at every step. The buffers
+grow by doubling when a step would overrun them.
 """
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ from ...errors import SwiftSVDError
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _LAYOUT_KEY = "swiftsvd.kv_cache"
+_ATTENTION_KEY = "swiftsvd.attention"
+_CHUNK = 256  # shared-buffer capacities are multiples of this many positions
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
@@ -79,7 +85,9 @@ class OrtDecoder:
         if missing:
             raise SwiftSVDError(f"{path}: graph lacks outputs {missing[:3]}")
         self.output_names = ["logits"] + self.present_names
-        self.layout = self.session.get_modelmeta().custom_metadata_map.get(_LAYOUT_KEY, "dense")
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.layout = meta.get(_LAYOUT_KEY, "dense")
+        self.shared_buffers = meta.get(_ATTENTION_KEY) == "gqa"
         cfg = self._config()
         # (heads, width) of each cache entry, from the graph; symbolic dims (optimum) from the config
         dense = (cfg.get("num_key_value_heads", cfg.get("num_attention_heads")),
@@ -113,14 +121,38 @@ class OrtDecoder:
         """KV cache bytes one token adds, from the graph's cache shapes."""
         return np.dtype(self.kv_dtype).itemsize * sum(h * w for h, w in self.cache_shapes)
 
-    def step(self, ids: np.ndarray, cache: list | None, past_len: int) -> tuple[np.ndarray, list]:
-        """Run ``ids`` (batch, T) after ``past_len`` cached tokens; returns (logits (batch, T, V), new cache)."""
+    def step(self, ids: np.ndarray, cache, past_len: int) -> tuple[np.ndarray, object]:
+        """Run ``ids`` (batch, T) after ``past_len`` cached tokens; returns (logits (batch, T, V), new cache).
+
+        With shared buffers the cache is updated in place: positions from ``past_len`` on are
+        overwritten, so a cache may be resumed from any earlier ``past_len`` but not forked."""
         import onnxruntime as ort
 
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         b, t = ids.shape
+        feed = self._inputs(ids, past_len)
+        if self.shared_buffers:
+            cache = SharedCache.fit(cache, self, b, past_len, past_len + t)
+            io = self.session.io_binding()
+            for name, value in feed.items():
+                io.bind_ortvalue_input(name, value)
+            io.bind_output("logits", "cpu")
+            for past, present, value in zip(self.past_names, self.present_names, cache.values):
+                io.bind_ortvalue_input(past, value)
+                io.bind_ortvalue_output(present, value)
+            self.session.run_with_iobinding(io)
+            return io.get_outputs()[0].numpy(), cache
         if cache is None:
             cache = self.empty_cache(b)
+        feed.update(zip(self.past_names, cache))
+        out = self.session.run_with_ort_values(self.output_names, feed)
+        return out[0].numpy(), list(out[1:])
+
+    def _inputs(self, ids: np.ndarray, past_len: int) -> dict:
+        """input_ids, attention_mask, position_ids (and past_position_ids) as OrtValues."""
+        import onnxruntime as ort
+
+        b, t = ids.shape
         feed = {"input_ids": ort.OrtValue.ortvalue_from_numpy(ids)}
         if self.has_attention_mask:
             feed["attention_mask"] = ort.OrtValue.ortvalue_from_numpy(np.ones((b, past_len + t), np.int64))
@@ -130,9 +162,7 @@ class OrtDecoder:
         if self.has_past_positions:
             past_pos = np.broadcast_to(np.arange(past_len, dtype=np.int64), (b, past_len)).copy()
             feed["past_position_ids"] = ort.OrtValue.ortvalue_from_numpy(past_pos)
-        feed.update(zip(self.past_names, cache))
-        out = self.session.run_with_ort_values(self.output_names, feed)
-        return out[0].numpy(), list(out[1:])
+        return feed
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
         """Full-recompute logits (batch, T, V) from an empty cache."""
@@ -163,6 +193,32 @@ class OrtDecoder:
                 "decode_s": t_decode, "decode_steps": steps,
                 "prefill_tok_s": len(prompt_ids) / t_prefill if t_prefill > 0 else float("inf"),
                 "decode_tok_s": steps / t_decode if t_decode > 0 and steps else float("nan")}
+
+
+class SharedCache:
+    """One buffer (batch, heads, capacity, width) per cache entry, bound as both past and present
+    of a GroupQueryAttention graph: the op writes the new tokens after ``past_len`` in place."""
+
+    def __init__(self, arrays: list[np.ndarray]):
+        import onnxruntime as ort
+
+        self.arrays = arrays  # the OrtValues below share these arrays' memory
+        self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+        self.capacity = arrays[0].shape[2]
+
+    @classmethod
+    def fit(cls, cache: "SharedCache | None", dec: OrtDecoder, batch: int, past_len: int, need: int) -> "SharedCache":
+        """``cache`` if it holds ``need`` positions, else a larger copy of its first ``past_len``."""
+        if cache is not None and cache.arrays[0].shape[0] != batch:
+            raise SwiftSVDError(f"the cache holds batch {cache.arrays[0].shape[0]}, this step has {batch}")
+        if cache is not None and need <= cache.capacity:
+            return cache
+        capacity = max(2 * cache.capacity if cache is not None else 0, -(-need // _CHUNK) * _CHUNK)
+        arrays = [np.zeros((batch, h, capacity, w), dtype=dec.kv_dtype) for h, w in dec.cache_shapes]
+        if cache is not None:
+            for new, old in zip(arrays, cache.arrays):
+                new[:, :, :past_len] = old[:, :, :past_len]
+        return cls(arrays)
 
 
 def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
