@@ -292,6 +292,7 @@ def generate_cli(args) -> int:
                      on_token=on_token)
     sys.stdout.write("\n")
     mode = "greedy" if args.temperature <= 0 else f"sampled T={args.temperature} top-p={args.top_p} seed={args.seed}"
-    print(f"[onnxruntime {mode}, kv-cache {dec.layout}] prompt {r['prompt_tokens']} tok, "
+    cache = f"kv-cache {dec.layout}" + (", appended in place (GroupQueryAttention)" if dec.shared_buffers else "")
+    print(f"[onnxruntime {mode}, {cache}] prompt {r['prompt_tokens']} tok, "
           f"prefill {r['prefill_tok_s']:.1f} tok/s; generated {len(r['tokens'])} tok, decode {r['decode_tok_s']:.1f} tok/s", file=sys.stderr)
     return 0
