@@ -143,3 +143,21 @@ def test_release_profile_takes_gqa_with_a_dense_cache_only(tmp_path):
     (tmp_path / "bad.toml").write_text(head + 'kv_cache = "latent-v"\n')
     with pytest.raises(SwiftSVDError, match=r"bad.toml: \[export\] --attention gqa needs the dense KV cache"):
         load_profile("bad.toml", tmp_path)
+
+
+def test_metadata_restore_keeps_the_attention(gqa, tmp_path):
+    """When a quantizer or converter drops the metadata, the export writes back all a traced graph
+    records, so the runtime still appends in place (not just the cache layout)."""
+    import shutil
+
+    from swiftsvd_export.backends.onnx.latent_export import traced_metadata, write_metadata
+
+    folder = tmp_path / "copy"
+    shutil.copytree(gqa, folder)
+    model = onnx.load(str(folder / "model.onnx"))
+    del model.metadata_props[:]
+    onnx.save(model, str(folder / "model.onnx"))
+    assert not OrtDecoder(folder).shared_buffers
+    write_metadata(folder / "model.onnx", traced_metadata("dense", "gqa"))
+    dec = OrtDecoder(folder)
+    assert dec.shared_buffers and dec.layout == "dense"

@@ -20,7 +20,7 @@ from ..backends.gguf.cli import EMBED_TYPES, FACTOR_TYPES
 from ..backends.onnx.cli import GRAPHS as ONNX_GRAPHS
 from ..backends.onnx.cli import PRECISIONS, QUANTIZE
 from ..errors import SwiftSVDError
-from ..latent_kv import ATTENTIONS, check_attention
+from ..latent_kv import ATTENTIONS
 from ..latent_kv import LAYOUTS as KV_LAYOUTS
 from .schema import read_toml, take
 
@@ -78,8 +78,7 @@ def load_profile(ref: str, base_dir: Path, profiles_dir: Path = PROFILES_DIR) ->
         try:
             validate_options(export.get("precision", "fp32"), export.get("quantize", "none"),
                              export.get("block_size"), export.get("kv_cache") or "dense", export.get("graph"),
-                             export.get("accuracy_level"))
-            check_attention(export.get("attention", "plain"), export.get("kv_cache") or "dense")
+                             export.get("accuracy_level"), export.get("attention", "plain"))
         except SwiftSVDError as e:
             raise SwiftSVDError(f"{path}: [export] {e}") from None
     rank_multiple = requires.get("rank_multiple", 1)

@@ -31,7 +31,7 @@ from ...errors import SwiftSVDError
 from ...latent_kv import LAYOUTS, check_attention, check_layout, default_layout, kv_bytes_per_token
 from .cli import GRAPHS, PRECISIONS, QUANTIZE
 from .graph import PairReport, check_pairs, initializer_bytes, onnx_prefix, ort_optimized, shape_counts
-from .latent_export import METADATA_KEY, check_latent_pairs, export_traced_graph, write_layout
+from .latent_export import METADATA_KEY, check_latent_pairs, export_traced_graph, traced_metadata, write_metadata
 from .quantize import (DEFAULT_ACCURACY_LEVEL, check_accuracy_level, check_block_size, quantize_int8_dynamic,
                        quantize_nbits, save_model, to_fp16, weighted_q4_quantizer)
 from .stack import stack_a_factors
@@ -43,10 +43,11 @@ NBITS_MODES = ("int8", "int4", "int4-a8")  # the --quantize modes written as Mat
 
 
 def validate_options(precision: str, quantize: str, block_size: int | None, kv_cache: str = "dense",
-                     graph: str | None = None, accuracy_level: int | None = None) -> None:
+                     graph: str | None = None, accuracy_level: int | None = None, attention: str = "plain") -> None:
     if kv_cache not in LAYOUTS:
         raise SwiftSVDError(f"unknown KV cache layout {kv_cache!r}; choose one of {', '.join(LAYOUTS)}")
     check_graph(graph, kv_cache)
+    check_attention(attention, kv_cache)
     if precision not in PRECISIONS:
         raise SwiftSVDError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if quantize not in QUANTIZE:
@@ -226,8 +227,7 @@ def export_onnx(model_dir: str | Path, output: str | Path, precision: str = "fp3
 
     if attention == "gqa" and kv_cache is None:
         kv_cache = "dense"
-    validate_options(precision, quantize, block_size, kv_cache or "dense", graph, accuracy_level)
-    check_attention(attention, kv_cache or "dense")
+    validate_options(precision, quantize, block_size, kv_cache or "dense", graph, accuracy_level, attention)
     output = Path(output)
     check_output(output, overwrite)
     t0 = time.time()
@@ -299,8 +299,9 @@ def export_onnx(model_dir: str | Path, output: str | Path, precision: str = "fp3
             tokenizer.save_pretrained(tmp)
 
         graph = onnx.load(str(final), load_external_data=False)
-        if own_graph and not any(p.key == METADATA_KEY for p in graph.metadata_props):
-            graph = write_layout(final, kv_cache)  # a quantizer or converter dropped the metadata
+        metadata = traced_metadata(kv_cache, attention)
+        if own_graph and not metadata.items() <= {p.key: p.value for p in graph.metadata_props}.items():
+            graph = write_metadata(final, metadata)  # a quantizer or converter dropped the metadata
         before = _check(graph, factors, kv_cache, config)
         before_shapes = shape_counts(graph, factors)
         after_model = ort_optimized(final)

@@ -33,9 +33,9 @@ from ...errors import SwiftSVDError
 from ...latent_kv import LatentLlama, head_dim
 from .graph import DTYPE_NAMES, PairReport, a_factor, check_pairs, matmul_weights, onnx_prefix, stack_splits
 from .quantize import save_model
+from .runtime import ATTENTION_KEY
+from .runtime import LAYOUT_KEY as METADATA_KEY
 
-METADATA_KEY = "swiftsvd.kv_cache"
-ATTENTION_KEY = "swiftsvd.attention"
 OPSET = 17
 
 
@@ -81,9 +81,7 @@ def export_traced_graph(model, out_dir: Path, layout: str, opset: int | None = N
     proto = onnx.load(str(path))
     unfold_tied_head(proto)
     fill_optional_inputs(proto)
-    set_layout(proto, layout)
-    if attention == "gqa":
-        onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, ATTENTION_KEY: "gqa"})
+    set_metadata(proto, traced_metadata(layout, attention))
     save_model(proto, path)
     return path
 
@@ -135,18 +133,20 @@ def unfold_tied_head(model: onnx.ModelProto) -> int:
     return len(restore)
 
 
-def set_layout(model: onnx.ModelProto, layout: str) -> None:
-    """Record the cache layout in the model metadata (replacing an earlier entry)."""
-    for p in list(model.metadata_props):
-        if p.key == METADATA_KEY:
-            model.metadata_props.remove(p)
-    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, METADATA_KEY: layout})
+def traced_metadata(layout: str, attention: str = "plain") -> dict[str, str]:
+    """What a traced graph records for the runtime: its cache layout, and a ``gqa`` attention."""
+    return {METADATA_KEY: layout, **({ATTENTION_KEY: "gqa"} if attention == "gqa" else {})}
 
 
-def write_layout(path: Path, layout: str) -> onnx.ModelProto:
-    """Write the layout into the metadata of the model file at ``path``; returns the graph without weights."""
+def set_metadata(model: onnx.ModelProto, props: dict[str, str]) -> None:
+    """Record ``props`` in the model metadata (replacing earlier entries of those keys)."""
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, **props})
+
+
+def write_metadata(path: Path, props: dict[str, str]) -> onnx.ModelProto:
+    """Write ``props`` into the metadata of the model file at ``path``; returns the graph without weights."""
     model = onnx.load(str(path))
-    set_layout(model, layout)
+    set_metadata(model, props)
     for p in path.parent.glob(path.name + "*"):
         p.unlink()
     save_model(model, path)

@@ -26,8 +26,8 @@ import numpy as np
 from ...errors import SwiftSVDError
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
-_LAYOUT_KEY = "swiftsvd.kv_cache"
-_ATTENTION_KEY = "swiftsvd.attention"
+LAYOUT_KEY = "swiftsvd.kv_cache"  # model metadata written by latent_export (kept here: no torch import)
+ATTENTION_KEY = "swiftsvd.attention"
 _CHUNK = 256  # shared-buffer capacities are multiples of this many positions
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -86,8 +86,8 @@ class OrtDecoder:
             raise SwiftSVDError(f"{path}: graph lacks outputs {missing[:3]}")
         self.output_names = ["logits"] + self.present_names
         meta = self.session.get_modelmeta().custom_metadata_map
-        self.layout = meta.get(_LAYOUT_KEY, "dense")
-        self.shared_buffers = meta.get(_ATTENTION_KEY) == "gqa"
+        self.layout = meta.get(LAYOUT_KEY, "dense")
+        self.shared_buffers = meta.get(ATTENTION_KEY) == "gqa"
         cfg = self._config()
         # (heads, width) of each cache entry, from the graph; symbolic dims (optimum) from the config
         dense = (cfg.get("num_key_value_heads", cfg.get("num_attention_heads")),
@@ -126,8 +126,6 @@ class OrtDecoder:
 
         With shared buffers the cache is updated in place: positions from ``past_len`` on are
         overwritten, so a cache may be resumed from any earlier ``past_len`` but not forked."""
-        import onnxruntime as ort
-
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         b, t = ids.shape
         feed = self._inputs(ids, past_len)
